@@ -1,0 +1,6 @@
+"""Allow ``python -m mim3d``."""
+
+from mim3d.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

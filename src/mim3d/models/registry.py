@@ -1,0 +1,54 @@
+"""Build models from resolved configs: the one place where config values become kwargs."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mim3d.config import GeometryConfig, ModelConfig, PretrainConfig
+from mim3d.masking import LevelGeometry, build_geometry
+from mim3d.models.hybrid import HybridEncoder
+from mim3d.models.mim import MiM
+from mim3d.models.vit import ViTEncoder
+
+
+def geometry_from_config(cfg: GeometryConfig) -> tuple[LevelGeometry, ...]:
+    """Validated level geometry (raises ``GeometryError`` naming the bad value)."""
+    return build_geometry(crop_sizes=cfg.crop_sizes, input_size=cfg.input_size,
+                          patch_size=cfg.patch_size, mask_ratios=cfg.mask_ratios,
+                          gammas=cfg.gammas, source=cfg.source)
+
+
+def build_encoder(model: ModelConfig, *, input_size: tuple[int, int, int], patch_size: int,
+                  grad_checkpointing: bool = False) -> nn.Module:
+    """The hybrid encoder (MiM) or the plain ViT (MAE3D baseline) of a config."""
+    if model.encoder == "vit":
+        return ViTEncoder(in_channels=model.in_channels, input_size=input_size,
+                          patch_size=patch_size, dim=model.vit_dim, depth=model.vit_depth,
+                          num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
+                          grad_checkpointing=grad_checkpointing)
+    return HybridEncoder(in_channels=model.in_channels, input_size=input_size,
+                         patch_size=patch_size, dims=model.dims, depths=model.depths,
+                         num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
+                         drop_path_rate=model.drop_path_rate,
+                         grad_checkpointing=grad_checkpointing)
+
+
+def uses_alignment(cfg: PretrainConfig) -> bool:
+    """Whether any cross-level alignment term is on (else no projection heads are built)."""
+    pairs = cfg.loss.align_pairs
+    return (cfg.loss.alignment != "none" and cfg.geometry.levels > 1 and cfg.loss.alpha > 0
+            and (pairs is None or any(pairs)))
+
+
+def build_mim(cfg: PretrainConfig) -> MiM:
+    """The full pre-training model of a config."""
+    geo = geometry_from_config(cfg.geometry)
+    encoder = build_encoder(cfg.model, input_size=cfg.geometry.input_size,
+                            patch_size=cfg.geometry.patch_size,
+                            grad_checkpointing=cfg.optim.grad_checkpointing)
+    m = cfg.model
+    return MiM(encoder=encoder, geometry=geo, in_channels=m.in_channels,
+               patch_size=cfg.geometry.patch_size, input_size=cfg.geometry.input_size,
+               decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
+               decoder_heads=m.decoder_heads, mlp_ratio=m.mlp_ratio, proj_dim=m.proj_dim,
+               align=uses_alignment(cfg), stop_grad=cfg.loss.stop_grad)

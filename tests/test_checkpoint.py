@@ -1,0 +1,279 @@
+"""Tests of mim3d.engine.checkpoint (and of the distributed helpers it relies on)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from mim3d.engine import dist as mdist
+from mim3d.engine.checkpoint import (
+    LATEST_FILE,
+    CheckpointError,
+    capture_rng_state,
+    find_latest,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 4)
+        self.out.weight = nn.Parameter(self.embed.weight.t().contiguous())
+        self.tied = nn.Linear(6, 4)
+        self.tied.weight = self.out.weight  # tied: shared storage in the state dict
+        self.register_buffer("table", torch.arange(24.0).reshape(4, 6)[:, ::2])  # strided
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.embed(x))) + self.tied(self.norm(self.embed(x)))
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss = model(torch.randn(3, 4, generator=g)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _fresh(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = _Net()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def test_round_trip_weights_optimizer_and_next_step(tmp_path: Path) -> None:
+    model, opt = _fresh(0)
+    _train(model, opt, 3, seed=1)
+    ckpt = save_checkpoint(tmp_path, step=3, model=model, optimizer=opt,
+                           extra_state={"data": {"epoch": 1, "index": 17}},
+                           config={"preset": "tiny", "out": tmp_path})
+    assert ckpt.name == "ckpt_00000003"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "model.safetensors",
+                                                      "state.pt"]
+    other, other_opt = _fresh(5)
+    info = load_checkpoint(ckpt, model=other, optimizer=other_opt)
+    assert info["step"] == 3 and info["extra_state"] == {"data": {"epoch": 1, "index": 17}}
+    assert info["meta"]["config"]["preset"] == "tiny"
+    assert info["meta"]["mim3d_version"]
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert other.tied.weight is other.out.weight  # tying survives the load
+    for p, q in zip(model.parameters(), other.parameters(), strict=True):
+        sa, sb = opt.state[p], other_opt.state[q]
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    _train(model, opt, 2, seed=9)  # the resumed run continues exactly
+    _train(other, other_opt, 2, seed=9)
+    for p, q in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_state_loads_with_weights_only_and_rejects_objects(tmp_path: Path) -> None:
+    model, opt = _fresh()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    ckpt = save_checkpoint(tmp_path, step=1, model=model, optimizer=opt, scaler=scaler,
+                           extra_state={"np_int": np.int64(5), "np_arr": np.arange(3),
+                                        "path": Path("/a/b")})
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert state["extra"] == {"np_int": 5, "np_arr": state["extra"]["np_arr"], "path": "/a/b"}
+    assert torch.equal(state["extra"]["np_arr"], torch.arange(3))
+    assert state["scaler"]["scale"] == 1024.0
+    new_scaler = torch.amp.GradScaler("cpu")
+    load_checkpoint(ckpt, model=model, scaler=new_scaler)
+    assert new_scaler.get_scale() == 1024.0
+    json.loads((ckpt / "meta.json").read_text())
+    with pytest.raises(TypeError, match=r"state\['extra'\]\['args'\] is a argparse.Namespace"):
+        save_checkpoint(tmp_path, step=2, model=model,
+                        extra_state={"args": argparse.Namespace(lr=1)})
+    assert not any(p.name.startswith("ckpt_00000002") for p in tmp_path.iterdir())
+
+
+def test_rng_round_trip(tmp_path: Path) -> None:
+    model, _ = _fresh()
+    save_checkpoint(tmp_path, step=1, model=model)
+    expected = (random.random(), np.random.rand(3).tolist(), torch.rand(3))
+    random.random(), np.random.rand(5), torch.rand(7)  # move the streams on
+    load_checkpoint(tmp_path, model=model)
+    got = (random.random(), np.random.rand(3).tolist(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+    state = capture_rng_state()
+    a = torch.randn(4)
+    restore_rng_state(state)
+    assert torch.equal(a, torch.randn(4))
+
+
+def test_keep_last_pruning_and_latest(tmp_path: Path) -> None:
+    model, _ = _fresh()
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, step=step, model=model, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_00000004",
+                                                               "ckpt_00000005"]
+    assert (tmp_path / LATEST_FILE).read_text().strip() == "ckpt_00000005"
+    # re-saving an older step (rewind) keeps the new one even though it is not the newest
+    save_checkpoint(tmp_path, step=2, model=model, keep_last=1)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_00000002",
+                                                               "ckpt_00000005"]
+    assert find_latest(tmp_path) == tmp_path / "ckpt_00000002"
+    # saving the same step twice replaces the folder
+    save_checkpoint(tmp_path, step=2, model=model, keep_last=None)
+    assert find_latest(tmp_path) == tmp_path / "ckpt_00000002"
+
+
+def test_find_latest_ignores_tmp_and_incomplete(tmp_path: Path) -> None:
+    assert find_latest(tmp_path / "missing") is None
+    assert find_latest(tmp_path) is None
+    model, _ = _fresh()
+    good = save_checkpoint(tmp_path, step=3, model=model)
+    leftover = tmp_path / "ckpt_00000009.tmp-12345"  # a crashed write
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"partial")
+    incomplete = tmp_path / "ckpt_00000007"
+    incomplete.mkdir()
+    (incomplete / "meta.json").write_text("{}")
+    (tmp_path / LATEST_FILE).write_text("ckpt_00000011\n")  # stale pointer
+    assert find_latest(tmp_path) == good
+    (tmp_path / LATEST_FILE).unlink()
+    assert find_latest(tmp_path) == good
+    assert find_latest(good) == good
+    with pytest.raises(CheckpointError, match=r"missing model\.safetensors, state\.pt"):
+        load_checkpoint(incomplete, model=model)
+
+
+def test_crash_during_save_leaves_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    model, _ = _fresh()
+    good = save_checkpoint(tmp_path, step=1, model=model)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, step=2, model=model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000001", "latest"]
+    assert find_latest(tmp_path) == good
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "state.pt"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_files_raise_one_clear_line(tmp_path: Path, file: str, damage: str) -> None:
+    model, opt = _fresh()
+    _train(model, opt, 1, seed=0)
+    ckpt = save_checkpoint(tmp_path, step=1, model=model, optimizer=opt)
+    path = ckpt / file
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # same size, so only the parser can notice
+        path.write_bytes(b"\x07" * len(data))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(ckpt, model=model, optimizer=opt)
+    message = str(err.value)
+    assert "\n" not in message and file in message and "delete" in message
+    # also without the size record in meta.json: the parsers themselves must fail cleanly
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["files"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=file.replace(".", r"\.")):
+        load_checkpoint(ckpt, model=model, optimizer=opt)
+
+
+def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+    """A state.pt holding an argparse.Namespace (the authors' habit) fails weights_only."""
+    model, _ = _fresh()
+    ckpt = save_checkpoint(tmp_path, step=1, model=model)
+    torch.save({"step": 1, "args": argparse.Namespace(lr=1)}, ckpt / "state.pt")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"]["state.pt"] = (ckpt / "state.pt").stat().st_size
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="weights_only loading refuses"):
+        load_checkpoint(ckpt, model=model)
+
+
+def test_load_mismatches(tmp_path: Path) -> None:
+    model, _ = _fresh()
+    ckpt = save_checkpoint(tmp_path, step=1, model=model)
+    with pytest.raises(CheckpointError, match="no optimizer state"):
+        load_checkpoint(ckpt, model=model, optimizer=torch.optim.SGD(model.parameters(), 0.1))
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        load_checkpoint(ckpt, model=nn.Linear(4, 4))
+    info = load_checkpoint(ckpt, model=nn.Linear(4, 6), strict=False)
+    assert "weight" in info["missing_keys"] and "norm.weight" in info["unexpected_keys"]
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_checkpoint(tmp_path / "nothing", model=model)
+
+
+def test_ddp_wrapped_model_is_unwrapped(tmp_path: Path) -> None:
+    model, _ = _fresh()
+    wrapped = nn.DataParallel(model)  # same .module layout as DDP, without a process group
+    ckpt = save_checkpoint(tmp_path, step=1, model=wrapped)
+    other, _ = _fresh(3)
+    load_checkpoint(ckpt, model=nn.DataParallel(other))
+    assert torch.equal(other.embed.weight, model.embed.weight)
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+
+def test_single_process_defaults(monkeypatch) -> None:
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = mdist.init_distributed(device="cpu")
+    assert (info.rank, info.world_size, info.local_rank, info.is_main) == (0, 1, 0, True)
+    assert info.device == torch.device("cpu")
+    assert mdist.is_main() and mdist.get_world_size() == 1
+    mdist.barrier()
+    x = torch.tensor([1, 2])
+    assert torch.equal(mdist.all_reduce_mean(x), torch.tensor([1.0, 2.0]))
+    mdist.cleanup()
+    assert mdist.seed_everything(7, rank=2) == 9
+    a = torch.rand(2)
+    mdist.seed_everything(9)
+    assert torch.equal(a, torch.rand(2))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    info = mdist.init_distributed(device="cpu")
+    try:
+        mean = mdist.all_reduce_mean(torch.tensor([rank + 1.0, 10.0 * rank]))
+        mdist.seed_everything(0, info.rank)
+        states = mdist.gather_rng_states()
+        mdist.barrier()
+        torch.save({"rank": info.rank, "world": info.world_size, "main": info.is_main,
+                    "mean": mean, "n_states": len(states),
+                    "distinct": not torch.equal(states[0]["torch"], states[1]["torch"])},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        mdist.cleanup()
+
+
+def test_gloo_world_of_two(tmp_path: Path) -> None:
+    mp.spawn(_gloo_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert (got["rank"], got["world"], got["main"]) == (rank, 2, rank == 0)
+        assert torch.equal(got["mean"], torch.tensor([1.5, 5.0]))
+        assert got["n_states"] == 2 and got["distinct"]
