@@ -45,7 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
           f"quarantined {report.quarantined} -> {report.store}")
     if report.quarantined:
         print(f"reasons: {Path(report.store) / 'quarantine.jsonl'}")
-    if report.prepared + report.skipped == 0:
+    if report.in_store == 0:
         print("mim3d prepare: error: no usable case remains; see the quarantine file",
               file=sys.stderr)
         return 1
@@ -77,6 +77,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mim3d.engine.demo import run_demo
 
     run_demo(Path(args.out), steps=args.steps, cases=args.cases, seed=args.seed)
+    return 0
+
+
+def cmd_masks(args: argparse.Namespace) -> int:
+    from mim3d.config import load_config
+    from mim3d.engine.inspect import mask_preview
+
+    cfg = load_config("pretrain", args.preset, config_file=args.config, overrides=args.overrides)
+    json_path, png_path = mask_preview(args.input, args.out, cfg, seed=args.seed)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from mim3d.engine.inspect import visualize_checkpoint
+
+    folder = visualize_checkpoint(args.run, args.input, args.out, seed=args.seed)
+    print(f"wrote {args.out} (checkpoint {folder})")
     return 0
 
 
@@ -118,6 +136,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=8, help="phantom cases to generate")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("masks", help="the nested level boxes and masks of one CT (JSON + PNG)")
+    p.add_argument("--input", required=True, help="CT file or DICOM series folder")
+    p.add_argument("--out", required=True, help="output folder (levels.json, levels.png)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_config_args(p, "base")
+    p.set_defaults(func=cmd_masks)
+
+    p = sub.add_parser("visualize", help="reconstructions of a checkpoint on any CT (tri-planar)")
+    p.add_argument("run", metavar="RUN_OR_CKPT", help="run folder or ckpt_* folder")
+    p.add_argument("--input", required=True, help="CT file or DICOM series folder")
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--seed", type=int, default=0, help="seeds the masks")
+    p.set_defaults(func=cmd_visualize)
     return parser
 
 
