@@ -102,14 +102,26 @@ def test_patch_linear_equals_conv3d() -> None:
     torch.testing.assert_close(sel, expected)
 
 
-def test_depthwise_conv_gradients() -> None:
-    """The custom depthwise backward (flipped-kernel data grad, swapped-role weight grad)."""
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_depthwise_conv_gradients(channels_last: bool) -> None:
+    """The custom depthwise backward (flipped-kernel data grad, swapped-role weight grad).
+
+    Compared with autograd through ``F.conv3d`` in float32 (double would hit PyTorch's slow
+    reference conv and take seconds under gradcheck).
+    """
     torch.manual_seed(0)
-    x = torch.randn(1, 2, 4, 3, 5, dtype=torch.double)
-    x = x.to(memory_format=torch.channels_last_3d).requires_grad_()
-    w = torch.randn(2, 1, 3, 3, 3, dtype=torch.double, requires_grad=True)
-    b = torch.randn(2, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: depthwise_conv3d(*a, 1), (x, w, b))
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 6, 5, 7).to(memory_format=fmt)
+    w, b = torch.randn(3, 1, 5, 5, 5), torch.randn(3)
+    grad = torch.randn(2, 3, 6, 5, 7)
+    grads = []
+    for fn in (depthwise_conv3d, lambda *a: F.conv3d(*a[:3], padding=a[3], groups=3)):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        out = fn(*leaves, 2)
+        out.backward(grad)
+        grads.append([out.detach()] + [t.grad for t in leaves])
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_layernorm3d_and_convblock_layouts() -> None:
@@ -176,15 +188,15 @@ def test_tiny_forward_backward() -> None:
         assert p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("patch_size", [8, 16])
-def test_no_leak_from_masked_voxels(patch_size: int) -> None:
+@pytest.mark.parametrize(("patch_size", "size"), [(8, (32, 32, 32)), (16, (64, 32, 48))])
+def test_no_leak_from_masked_voxels(patch_size: int, size: tuple[int, int, int]) -> None:
     """Visible-token outputs ignore masked voxels exactly, yet react to visible ones."""
-    enc = tiny_encoder(patch_size=patch_size)
+    enc = tiny_encoder(patch_size=patch_size, input_size=size)
     n = enc.num_tokens
     keep, _, mask = random_masks(2, n, max(2, int(n * 0.4)), seed=patch_size)
     vmask = voxel_mask(mask, enc.grid, patch_size)
     torch.manual_seed(1)
-    x = torch.randn(2, 1, 32, 32, 32)
+    x = torch.randn(2, 1, *size)
     x_noisy = torch.where(vmask, 10 * torch.randn_like(x), x)
     with torch.no_grad():
         ref, changed = enc(x, keep), enc(x_noisy, keep)
@@ -202,6 +214,16 @@ def test_no_leak_from_masked_voxels(patch_size: int) -> None:
     enc(xg, keep).sum().backward()
     assert xg.grad[vmask].abs().max() == 0
     assert xg.grad[~vmask].abs().max() > 0
+
+
+def test_patch32_anisotropic_feature_shapes() -> None:
+    """Patch 32 uses a stride-4 stem; feature maps follow an anisotropic input."""
+    enc = tiny_encoder(patch_size=32, input_size=(64, 64, 32))
+    assert enc.grid == (2, 2, 1)
+    with torch.no_grad():
+        feats = enc.forward_features(torch.randn(1, 1, 64, 64, 32))
+    assert [tuple(f.shape[1:]) for f in feats] == [(16, 16, 16, 8), (32, 8, 8, 4), (64, 4, 4, 2),
+                                                   (128, 2, 2, 1)]
 
 
 def test_all_visible_equals_unmasked() -> None:

@@ -167,7 +167,7 @@ class _DepthwiseConv3dFn(torch.autograd.Function):
     For stride 1, odd kernel and 'same' padding, d(input) = conv(grad, flip(w)), and d(weight)
     is :func:`_dw_weight_grad`. oneDNN's channels-last depthwise forward kernel is much faster
     than its backward kernels (measured at 2 x 48 x 48^3 on 2 cores: data grad 0.03 s vs
-    0.24 s), which cut a base training step by ~25%.
+    0.24 s), which cut a base encoder fwd+bwd step (batch 2, 96^3) from 5.6 s to 3.4 s.
     """
 
     @staticmethod

@@ -148,17 +148,18 @@ class ViTEncoder(nn.Module):
 
         Args:
             x: (B, C, D, H, W).
-            layers: 1-based block indices; default (d/4, d/2, 3d/4, d), i.e. (3, 6, 9, 12) for
-                depth 12 as in the UNETR paper. (MONAI's UNETR instead taps 0-based
-                ``hidden_states_out[3, 6, 9]``, i.e. blocks 4, 7, 10.) The last block's output,
-                if selected, gets the final LayerNorm, as UNETR's bottleneck does.
+            layers: 1-based block indices; default (d/4, d/2, 3d/4, d) (each >= 1), i.e.
+                (3, 6, 9, 12) for depth 12 as in the UNETR paper. (MONAI's UNETR instead taps
+                0-based ``hidden_states_out[3, 6, 9]``, i.e. blocks 4, 7, 10.) The last block's
+                output, if selected, gets the final LayerNorm, as UNETR's bottleneck does.
 
         Returns:
             One (B, dim, g0, g1, g2) map per entry of ``layers``.
         """
         depth = len(self.blocks)
-        layers = tuple(layers) if layers is not None else (
-            depth // 4, depth // 2, 3 * depth // 4, depth)
+        if layers is None:
+            layers = tuple(max(1, depth * q // 4) for q in (1, 2, 3, 4))
+        layers = tuple(layers)
         if not layers or any(i < 1 or i > depth for i in layers):
             raise ValueError(f"layers must be 1-based block indices in [1, {depth}], got {layers}")
         tokens = self._embed(x, None)

@@ -1,0 +1,360 @@
+"""Downstream networks (DESIGN.md section 3): segmentation and classification on top of the
+pre-trained encoders, plus the MONAI baselines.
+
+* :class:`MiMUNETR` - the hybrid encoder run on all tokens with a SwinUNETR-style CNN decoder.
+* :func:`build_unetr` / :func:`vit_state_to_unetr` - MONAI ``UNETR`` hosting a mim3d
+  :class:`~mim3d.models.vit.ViTEncoder` (the "MiM + UNETR" row of Table V).
+* :func:`build_swinunetr` - MONAI ``SwinUNETR`` from scratch (supervised baseline).
+* :class:`MiMClassifier` - hybrid encoder, global average pool, MLP head.
+* :func:`build_downstream` - any of them at the encoder size of a pretrain preset, so an encoder
+  pre-trained with preset ``X`` loads key- and shape-identically into the network of size ``X``
+  (under :data:`ENCODER_PREFIX`), when ``roi`` equals the preset's ``geometry.input_size``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
+from monai.networks.nets import UNETR, SwinUNETR, ViT
+from torch import Tensor, nn
+
+from mim3d.config import load_config, preset_names
+from mim3d.models.hybrid import HybridEncoder
+from mim3d.models.layers import sincos_pos_embed_3d
+
+__all__ = ["ENCODER_PREFIX", "NETWORKS", "MiMClassifier", "MiMUNETR", "build_downstream",
+           "build_swinunetr", "build_unetr", "vit_state_to_unetr"]
+
+NETWORKS = ("mim-unetr", "unetr", "swinunetr", "classifier")
+# Where the pre-trained encoder lives in each network: load its state dict under this prefix.
+ENCODER_PREFIX = {"mim-unetr": "encoder", "classifier": "encoder", "unetr": "vit"}
+
+
+def _check_roi(roi: Sequence[int], multiple: int, what: str) -> tuple[int, int, int]:
+    roi = tuple(roi)
+    if len(roi) != 3 or any(int(r) != r or r < multiple or r % multiple for r in roi):
+        raise ValueError(f"roi {roi} must be 3 ints, each a positive multiple of {multiple} "
+                         f"({what})")
+    return tuple(int(r) for r in roi)  # type: ignore[return-value]
+
+
+class MiMUNETR(nn.Module):
+    """Hybrid encoder (unmasked) + SwinUNETR-style CNN decoder with skips.
+
+    For patch 16 (base: 48@R/2, 96@R/4, 192@R/8, 384@R/16) the decoder works on 5 levels
+    R/2^k, k = 0..4, with ``fs = feature_size`` channels (fs, fs, 2fs, 4fs, 8fs)::
+
+        level 0  UnetrBasicBlock(image)          fs @ R       (SwinUNETR's encoder1)
+        level 1  UnetrBasicBlock(stage 1)        fs @ R/2
+        level 2  UnetrBasicBlock(stage 2)       2fs @ R/4
+        level 3  UnetrBasicBlock(stage 3)       4fs @ R/8
+        level 4  UnetrBasicBlock(token map)     8fs @ R/16   (bottleneck)
+        UnetrUpBlock k+1 -> k with the level-k skip, k = 3..0; UnetOutBlock -> logits @ R
+
+    For patch 8 stage 1 is already at full resolution, so level 0's block sees the image and
+    stage 1 concatenated, and there are 4 levels (fs, 2fs, 4fs, 8fs).
+
+    Args:
+        in_channels: image channels.
+        out_channels: segmentation classes (logit channels).
+        roi: (D, H, W) input size, each divisible by ``patch_size``.
+        patch_size: encoder token size, 8 or 16.
+        dims, depths, num_heads, mlp_ratio, drop_path_rate, grad_checkpointing: the
+            :class:`HybridEncoder`'s.
+        feature_size: decoder width fs.
+        norm_name: MONAI norm of the decoder blocks.
+    """
+
+    def __init__(self, *, in_channels: int = 1, out_channels: int,
+                 roi: Sequence[int] = (96, 96, 96), patch_size: int = 16,
+                 dims: Sequence[int] = (48, 96, 192, 384), depths: Sequence[int] = (2, 2, 2, 11),
+                 num_heads: int = 12, mlp_ratio: float = 4.0, feature_size: int = 48,
+                 drop_path_rate: float = 0.0, norm_name: str | tuple = "instance",
+                 grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        if patch_size not in (8, 16):
+            raise ValueError(f"MiMUNETR supports patch_size 8 or 16, got {patch_size} (with 32 "
+                             "no encoder stage lands at R/2 to give that level a skip)")
+        roi = _check_roi(roi, patch_size, f"patch_size {patch_size}")
+        for name, value in (("out_channels", out_channels), ("feature_size", feature_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.encoder = HybridEncoder(in_channels=in_channels, input_size=roi,
+                                     patch_size=patch_size, dims=dims, depths=depths,
+                                     num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                     drop_path_rate=drop_path_rate,
+                                     grad_checkpointing=grad_checkpointing)
+        self.stem_level = int(math.log2(patch_size // 8))  # level of stage 1: 0 or 1
+        fs = feature_size
+        chans = [fs] * (self.stem_level + 1) + [2 * fs, 4 * fs, 8 * fs]
+        skip_in = [in_channels] + ([dims[0]] if self.stem_level else []) + list(dims[1:3])
+        if not self.stem_level:
+            skip_in[0] += dims[0]
+        levels = len(chans) - 1
+
+        def basic(cin: int, cout: int) -> UnetrBasicBlock:
+            return UnetrBasicBlock(3, cin, cout, kernel_size=3, stride=1, norm_name=norm_name,
+                                   res_block=True)
+
+        self.skips = nn.ModuleList(basic(skip_in[k], chans[k]) for k in range(levels))
+        self.bottleneck = basic(dims[3], chans[levels])
+        self.ups = nn.ModuleList(
+            UnetrUpBlock(3, chans[k + 1], chans[k], kernel_size=3, upsample_kernel_size=2,
+                         norm_name=norm_name, res_block=True) for k in range(levels))
+        self.out = UnetOutBlock(3, fs, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_channels, *roi) -> logits (B, out_channels, *roi)."""
+        s1, s2, s3, tokens = self.encoder.forward_features(x)
+        level0 = x if self.stem_level else torch.cat([x, s1], dim=1)
+        inputs = [level0] + ([s1] if self.stem_level else []) + [s2, s3]
+        h = self.bottleneck(tokens)
+        for k in reversed(range(len(self.ups))):
+            h = self.ups[k](h, self.skips[k](inputs[k]))
+        return self.out(h)
+
+
+class _UNETR(UNETR):
+    """MONAI 1.6 ``UNETR`` with a configurable ViT depth and patch size 8 or 16.
+
+    MONAI fixes depth 12 and patch 16; both are rebuilt here when they differ. Skips tap the
+    outputs of blocks ``d/4, d/2, 3d/4`` (0-based; MONAI's 3, 6, 9 for d = 12). For patch 8 the
+    tokens sit at R/8, so the R/8 skip (``encoder4``) and its up block (``decoder5``) drop out
+    and ``encoder2/3`` upsample 4x / 2x.
+    """
+
+    def __init__(self, *, in_channels: int, out_channels: int, roi: tuple[int, int, int],
+                 patch_size: int, hidden_size: int, num_layers: int, num_heads: int,
+                 mlp_dim: int, feature_size: int) -> None:
+        # MONAI checks img_size against its fixed patch 16; the ViT is rebuilt below anyway
+        monai_roi = tuple(16 * math.ceil(r / 16) for r in roi)
+        super().__init__(in_channels=in_channels, out_channels=out_channels, img_size=monai_roi,
+                         feature_size=feature_size, hidden_size=hidden_size, mlp_dim=mlp_dim,
+                         num_heads=num_heads, proj_type="conv", norm_name="instance",
+                         res_block=True, qkv_bias=True)  # MAE/mim3d ViTs have a qkv bias
+        if num_layers != 12 or patch_size != 16 or monai_roi != roi:
+            self.vit = ViT(in_channels=in_channels, img_size=roi, patch_size=patch_size,
+                           hidden_size=hidden_size, mlp_dim=mlp_dim, num_layers=num_layers,
+                           num_heads=num_heads, proj_type="conv", classification=False,
+                           qkv_bias=True)
+            self.num_layers = num_layers
+            self.patch_size = (patch_size,) * 3
+            self.feat_size = tuple(r // patch_size for r in roi)
+            self.proj_view_shape = [*self.feat_size, hidden_size]
+        if patch_size == 8:
+            kw = {"spatial_dims": 3, "kernel_size": 3, "stride": 1, "upsample_kernel_size": 2,
+                  "norm_name": "instance", "conv_block": True, "res_block": True}
+            self.encoder2 = UnetrPrUpBlock(in_channels=hidden_size, out_channels=2 * feature_size,
+                                           num_layer=1, **kw)
+            self.encoder3 = UnetrPrUpBlock(in_channels=hidden_size, out_channels=4 * feature_size,
+                                           num_layer=0, **kw)
+            self.encoder4 = None
+            self.decoder5 = None
+            self.decoder4 = UnetrUpBlock(3, hidden_size, 4 * feature_size, kernel_size=3,
+                                         upsample_kernel_size=2, norm_name="instance",
+                                         res_block=True)
+        self.taps = tuple(num_layers * q // 4 for q in (1, 2, 3))
+
+    def forward(self, x_in: Tensor) -> Tensor:
+        """(B, C, *roi) -> logits (B, out_channels, *roi)."""
+        x, hidden = self.vit(x_in)
+        enc1 = self.encoder1(x_in)
+        enc2 = self.encoder2(self.proj_feat(hidden[self.taps[0]]))
+        enc3 = self.encoder3(self.proj_feat(hidden[self.taps[1]]))
+        dec = self.proj_feat(x)
+        if self.decoder5 is not None:
+            dec = self.decoder5(dec, self.encoder4(self.proj_feat(hidden[self.taps[2]])))
+        dec = self.decoder3(self.decoder4(dec, enc3), enc2)
+        return self.out(self.decoder2(dec, enc1))
+
+
+def build_unetr(*, in_channels: int, out_channels: int, roi: Sequence[int], patch_size: int = 16,
+                hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
+                mlp_dim: int = 3072, feature_size: int = 16) -> UNETR:
+    """MONAI ``UNETR`` whose ``vit`` matches a mim3d ``ViTEncoder`` of the same sizes.
+
+    The ViT is built with a conv patch embedding, qkv bias, no class token and MONAI's
+    learnable position embedding (fill it from :func:`vit_state_to_unetr`). Skip taps and the
+    patch-8 variant: see :class:`_UNETR`; depth 12 / patch 16 computes exactly MONAI's UNETR.
+
+    Args:
+        in_channels: image channels.
+        out_channels: segmentation classes.
+        roi: (D, H, W), each divisible by ``patch_size``.
+        patch_size: 8 or 16.
+        hidden_size, num_layers, num_heads, mlp_dim: the ViT's (``dim``, ``depth``,
+            ``num_heads``, ``dim * mlp_ratio`` of ``ViTEncoder``).
+        feature_size: UNETR decoder width.
+
+    Returns:
+        A ``UNETR`` instance; ``forward`` maps (B, C, *roi) -> (B, out_channels, *roi).
+    """
+    if patch_size not in (8, 16):
+        raise ValueError(f"build_unetr supports patch_size 8 or 16, got {patch_size}")
+    roi = _check_roi(roi, patch_size, f"patch_size {patch_size}")
+    if num_layers < 4:
+        raise ValueError(f"num_layers must be >= 4 (skips tap d/4, d/2, 3d/4), got {num_layers}")
+    if num_heads < 1 or hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    if min(in_channels, out_channels, mlp_dim, feature_size) < 1:
+        raise ValueError("in_channels, out_channels, mlp_dim and feature_size must be >= 1, got "
+                         f"{(in_channels, out_channels, mlp_dim, feature_size)}")
+    return _UNETR(in_channels=in_channels, out_channels=out_channels, roi=roi,
+                  patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers,
+                  num_heads=num_heads, mlp_dim=mlp_dim, feature_size=feature_size)
+
+
+_VIT_KEY = re.compile(r"patch_embedding\.(patch_embeddings\.(weight|bias)|position_embeddings)"
+                      r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.out_proj|mlp\.linear1"
+                      r"|mlp\.linear2)\.(weight|bias)|norm\.(weight|bias)")
+_POS_KEY = "patch_embedding.position_embeddings"
+
+
+def vit_state_to_unetr(vit_state: dict[str, Tensor], *,
+                       grid: tuple[int, int, int] | None = None) -> dict[str, Tensor]:
+    """Map a mim3d ``ViTEncoder`` state dict onto ``UNETR`` keys (``vit.`` + same name).
+
+    Names and shapes are identical (see :mod:`mim3d.models.vit`). Our fixed sin-cos position
+    embedding (a persistent buffer) becomes the initial value of UNETR's learnable
+    ``vit.patch_embedding.position_embeddings``. Load the result with ``strict=False``: the only
+    ``vit.`` keys it lacks are MONAI's unused ``blocks.i.norm_cross_attn``.
+
+    Args:
+        vit_state: ``ViTEncoder.state_dict()`` (no prefix).
+        grid: token grid of the UNETR's roi. When given, the sin-cos embedding is recomputed
+            for it (exact, as it is a fixed function of the grid), so a ViT pre-trained at one
+            input size transfers to another roi; required if the state has no position entry.
+
+    Returns:
+        New dict ``{"vit." + key: tensor}``.
+
+    Raises:
+        ValueError: a key that is not a ``ViTEncoder`` key, or no position embedding available.
+    """
+    unknown = [k for k in vit_state if not _VIT_KEY.fullmatch(k)]
+    if unknown:
+        raise ValueError(f"not ViTEncoder keys: {unknown[:5]}")
+    out = {f"vit.{k}": v.detach().clone() for k, v in vit_state.items()}
+    if grid is not None:
+        dim = vit_state["patch_embedding.patch_embeddings.weight"].shape[0]
+        out[f"vit.{_POS_KEY}"] = sincos_pos_embed_3d(tuple(grid), dim)
+    elif _POS_KEY not in vit_state:
+        raise ValueError(f"state has no {_POS_KEY}; pass grid= to recompute the sin-cos "
+                         "embedding (UNETR's own would stay random)")
+    return out
+
+
+def build_swinunetr(*, in_channels: int, out_channels: int, feature_size: int = 48,
+                    depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                    drop_path_rate: float = 0.0, use_checkpoint: bool = False,
+                    use_v2: bool = False) -> SwinUNETR:
+    """MONAI ``SwinUNETR`` from scratch (MONAI 1.6 takes no ``img_size``).
+
+    Inputs must have every side divisible by 32 (patch 2, then four 2x merges).
+
+    Args:
+        in_channels: image channels.
+        out_channels: segmentation classes.
+        feature_size: embedding width, a multiple of 12 (MONAI's requirement).
+        depths, num_heads: Swin stages.
+        drop_path_rate: stochastic depth.
+        use_checkpoint: gradient checkpointing.
+        use_v2: SwinUNETR-V2 residual conv blocks.
+
+    Returns:
+        ``SwinUNETR``: (B, in_channels, D, H, W) -> (B, out_channels, D, H, W).
+    """
+    if feature_size < 12 or feature_size % 12:
+        raise ValueError(f"feature_size must be a positive multiple of 12, got {feature_size}")
+    if min(in_channels, out_channels) < 1:
+        raise ValueError(f"in/out_channels must be >= 1, got {(in_channels, out_channels)}")
+    return SwinUNETR(in_channels=in_channels, out_channels=out_channels, depths=tuple(depths),
+                     num_heads=tuple(num_heads), feature_size=feature_size,
+                     dropout_path_rate=drop_path_rate, use_checkpoint=use_checkpoint,
+                     use_v2=use_v2)
+
+
+class MiMClassifier(nn.Module):
+    """Hybrid encoder (unmasked) -> mean of the final tokens -> MLP head.
+
+    Args:
+        in_channels: image channels.
+        num_classes: output logits.
+        roi: (D, H, W) input size, each divisible by ``patch_size``.
+        patch_size, dims, depths, num_heads, mlp_ratio, drop_path_rate, grad_checkpointing:
+            the :class:`HybridEncoder`'s.
+        hidden: head hidden width.
+        dropout: head dropout before the last Linear.
+    """
+
+    def __init__(self, *, in_channels: int = 1, num_classes: int, roi: Sequence[int],
+                 patch_size: int = 16, dims: Sequence[int] = (48, 96, 192, 384),
+                 depths: Sequence[int] = (2, 2, 2, 11), num_heads: int = 12,
+                 mlp_ratio: float = 4.0, hidden: int = 512, dropout: float = 0.0,
+                 drop_path_rate: float = 0.0, grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        if num_classes < 1 or hidden < 1:
+            raise ValueError(f"num_classes and hidden must be >= 1, got {(num_classes, hidden)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        roi = _check_roi(roi, patch_size, f"patch_size {patch_size}")
+        self.encoder = HybridEncoder(in_channels=in_channels, input_size=roi,
+                                     patch_size=patch_size, dims=dims, depths=depths,
+                                     num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                     drop_path_rate=drop_path_rate,
+                                     grad_checkpointing=grad_checkpointing)
+        e = dims[3]
+        self.head = nn.Sequential(nn.LayerNorm(e), nn.Linear(e, hidden), nn.GELU(),
+                                  nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_channels, *roi) -> logits (B, num_classes)."""
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+def build_downstream(*, network: str, size: str, in_channels: int, out_channels: int,
+                     roi: Sequence[int], grad_checkpointing: bool = False) -> nn.Module:
+    """A downstream network at the encoder size of pretrain preset ``size``.
+
+    Sizes come from ``load_config("pretrain", size).model`` and its ``geometry.patch_size``:
+    ``mim-unetr`` / ``classifier`` use the hybrid encoder (decoder width fs = dims[0]: 48 for
+    base), ``unetr`` the ViT (``vit_dim``, ``vit_depth``, ``num_heads``, ``mlp_ratio``), and
+    ``swinunetr`` (from scratch) the smallest multiple of 12 >= dims[0] as feature size.
+
+    Args:
+        network: one of :data:`NETWORKS`.
+        size: a pretrain preset name (tiny, small, base, ...).
+        in_channels: image channels.
+        out_channels: classes (segmentation logit channels, or classifier logits).
+        roi: input size; equal to the preset's ``geometry.input_size`` for an exact load of
+            the pre-trained encoder (its fixed position embedding depends on the grid).
+        grad_checkpointing: recompute encoder blocks in backward.
+
+    Returns:
+        The network; its pre-trained part sits under ``ENCODER_PREFIX[network]``.
+    """
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+    sizes = preset_names("pretrain")
+    if size not in sizes:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(sizes)}")
+    cfg = load_config("pretrain", size)
+    m, p = cfg.model, cfg.geometry.patch_size
+    if network == "swinunetr":
+        return build_swinunetr(in_channels=in_channels, out_channels=out_channels,
+                               feature_size=12 * math.ceil(m.dims[0] / 12),
+                               use_checkpoint=grad_checkpointing)
+    if network == "unetr":
+        return build_unetr(in_channels=in_channels, out_channels=out_channels, roi=roi,
+                           patch_size=p, hidden_size=m.vit_dim, num_layers=m.vit_depth,
+                           num_heads=m.num_heads, mlp_dim=int(m.vit_dim * m.mlp_ratio))
+    common = {"in_channels": in_channels, "roi": roi, "patch_size": p, "dims": m.dims,
+              "depths": m.depths, "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio,
+              "drop_path_rate": m.drop_path_rate, "grad_checkpointing": grad_checkpointing}
+    if network == "classifier":
+        return MiMClassifier(num_classes=out_channels, **common)
+    return MiMUNETR(out_channels=out_channels, feature_size=m.dims[0], **common)
