@@ -98,6 +98,20 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mim3d.transfer import export_encoder, import_official
+
+    if (args.run is None) == (args.from_official is None):
+        raise ValueError("give either RUN_OR_CKPT or --from-official FILE (one of them)")
+    if args.from_official is not None:
+        weights, card, report = import_official(args.from_official, args.out)
+        print(report.summary())
+    else:
+        weights, card = export_encoder(args.run, args.out)
+    print(f"wrote {weights} and its card {card}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mim3d", description="MiM (Mask in Mask) pre-training for 3D CT, and its downstream use.")
@@ -150,6 +164,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--seed", type=int, default=0, help="seeds the masks")
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("export", help="write a pre-trained encoder as safetensors + JSON card")
+    p.add_argument("run", nargs="?", default=None, metavar="RUN_OR_CKPT",
+                   help="run folder, ckpt_* folder or model.safetensors of a mim3d run")
+    p.add_argument("--from-official", default=None, metavar="FILE",
+                   help="import the MiM authors' released checkpoint instead")
+    p.add_argument("--out", required=True, help="ENCODER.safetensors to write (card beside it)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
