@@ -145,6 +145,9 @@ class _UNETR(UNETR):
             self.patch_size = (patch_size,) * 3
             self.feat_size = tuple(r // patch_size for r in roi)
             self.proj_view_shape = [*self.feat_size, hidden_size]
+        # token grid under the name mim3d encoders use (mim3d.transfer reads it to fit
+        # position tables to a non-cubic roi)
+        self.vit.grid = tuple(self.feat_size)
         if patch_size == 8:
             kw = {"spatial_dims": 3, "kernel_size": 3, "stride": 1, "upsample_kernel_size": 2,
                   "norm_name": "instance", "conv_block": True, "res_block": True}
@@ -254,7 +257,9 @@ def build_swinunetr(*, in_channels: int, out_channels: int, feature_size: int = 
                     use_v2: bool = False) -> SwinUNETR:
     """MONAI ``SwinUNETR`` from scratch (MONAI 1.6 takes no ``img_size``).
 
-    Inputs must have every side divisible by 32 (patch 2, then four 2x merges).
+    Inputs must have every side divisible by 32 (patch 2, then four 2x merges) and more than
+    one voxel at R/32 (the instance norm of its bottleneck fails on a single voxel), e.g. not
+    32^3; 32 x 32 x 64 is the smallest usable.
 
     Args:
         in_channels: image channels.
@@ -345,6 +350,10 @@ def build_downstream(*, network: str, size: str, in_channels: int, out_channels:
     cfg = load_config("pretrain", size)
     m, p = cfg.model, cfg.geometry.patch_size
     if network == "swinunetr":
+        roi = _check_roi(roi, 32, "SwinUNETR downsamples 32x")
+        if roi == (32, 32, 32):
+            raise ValueError("roi (32, 32, 32) leaves SwinUNETR a single bottleneck voxel, "
+                             "on which instance norm fails; use a larger roi")
         return build_swinunetr(in_channels=in_channels, out_channels=out_channels,
                                feature_size=12 * math.ceil(m.dims[0] / 12),
                                use_checkpoint=grad_checkpointing)

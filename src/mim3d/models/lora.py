@@ -28,9 +28,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+try:
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+except ImportError as exc:  # peft is the optional "lora" extra
+    raise ImportError("mim3d.models.lora needs peft: pip install 'mim3d[lora]'") from exc
 
 __all__ = ["LoraReport", "apply_lora", "merge_lora"]
 
