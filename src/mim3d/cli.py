@@ -112,6 +112,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from mim3d.config import load_config
+    from mim3d.engine.finetune import finetune
+
+    overrides = [*args.overrides, f"task.task={args.task}"]
+    cfg = load_config("downstream", args.preset, config_file=args.config, overrides=overrides)
+    result = finetune(cfg, data=args.data, out=args.out, pretrained=args.pretrained,
+                      network=args.network, size=args.size, label_fraction=args.label_fraction,
+                      lora_rank=args.lora_rank, max_steps=args.max_steps, resume=args.resume,
+                      fold=args.fold, folds=args.folds)
+    print(f"step {result.step}: last {result.last_checkpoint}; best {result.best_checkpoint} "
+          f"(score {result.best_score}); metrics {result.metrics}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mim3d.engine.predict import evaluate_run
+
+    json_path, csv_path = evaluate_run(args.run, data=args.data, out_json=args.out,
+                                       checkpoint=args.checkpoint)
+    print(f"wrote {json_path} and {csv_path}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mim3d.engine.predict import predict_volume
+
+    label_path, json_path = predict_volume(args.model, args.input, args.output,
+                                           checkpoint=args.checkpoint)
+    print(f"wrote {label_path} and its class names {json_path}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mim3d", description="MiM (Mask in Mask) pre-training for 3D CT, and its downstream use.")
@@ -172,6 +205,39 @@ def _parser() -> argparse.ArgumentParser:
                    help="import the MiM authors' released checkpoint instead")
     p.add_argument("--out", required=True, help="ENCODER.safetensors to write (card beside it)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("finetune", help="fine-tune a segmentation or classification network")
+    p.add_argument("--task", choices=("seg", "cls"), default="seg")
+    p.add_argument("--data", required=True, help="datalist JSON, nnU-Net dataset or folder")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--pretrained", default=None, help="ENCODER.safetensors from mim3d export")
+    p.add_argument("--network", default=None,
+                   choices=("mim-unetr", "unetr", "swinunetr", "classifier"),
+                   help="default: mim-unetr (seg) or classifier (cls)")
+    p.add_argument("--size", default="base", help="encoder size: tiny, small or base")
+    p.add_argument("--label-fraction", type=float, default=1.0,
+                   help="share of the training split used (nested subsets)")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (4, 8, 16)")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--resume", action="store_true")
+    _add_config_args(p, "btcv")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="Dice / NSD / HD95 (or ACC / AUC) of a fine-tuned run")
+    p.add_argument("run", metavar="RUN", help="fine-tuning run folder")
+    p.add_argument("--data", required=True, help="datalist (validation/test) or folder")
+    p.add_argument("--out", required=True, help="METRICS.json (a per-case CSV goes beside it)")
+    p.add_argument("--checkpoint", default="best", help="best, last or a ckpt_* folder")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label map of a new scan, on the scan's own grid")
+    p.add_argument("-i", "--input", required=True, help="CT file or DICOM series folder")
+    p.add_argument("-o", "--output", required=True, help="LABELS.nii.gz to write")
+    p.add_argument("--model", required=True, help="fine-tuning run folder")
+    p.add_argument("--checkpoint", default="best", help="best, last or a ckpt_* folder")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
