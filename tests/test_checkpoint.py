@@ -1,18 +1,16 @@
-"""Tests of mim3d.engine.checkpoint (and of the distributed helpers it relies on)."""
+"""Tests of mim3d.engine.checkpoint (and of the single-process distributed helpers it relies on;
+the gloo world-of-two test lives in tests/test_dist.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from mim3d.engine import dist as mdist
@@ -246,34 +244,3 @@ def test_single_process_defaults(monkeypatch) -> None:
     mdist.seed_everything(9)
     assert torch.equal(a, torch.rand(2))
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    info = mdist.init_distributed(device="cpu")
-    try:
-        mean = mdist.all_reduce_mean(torch.tensor([rank + 1.0, 10.0 * rank]))
-        mdist.seed_everything(0, info.rank)
-        states = mdist.gather_rng_states()
-        mdist.barrier()
-        torch.save({"rank": info.rank, "world": info.world_size, "main": info.is_main,
-                    "mean": mean, "n_states": len(states),
-                    "distinct": not torch.equal(states[0]["torch"], states[1]["torch"])},
-                   Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        mdist.cleanup()
-
-
-def test_gloo_world_of_two(tmp_path: Path) -> None:
-    mp.spawn(_gloo_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert (got["rank"], got["world"], got["main"]) == (rank, 2, rank == 0)
-        assert torch.equal(got["mean"], torch.tensor([1.5, 5.0]))
-        assert got["n_states"] == 2 and got["distinct"]

@@ -44,7 +44,7 @@ def test_every_parameter_gets_a_gradient(overrides):
 
 
 def test_level_volumes_are_the_boxes_of_the_level1_crop():
-    cfg, model, x, masks, out = _run([])
+    cfg, _model, x, masks, out = _run([])
     r = cfg.geometry.input_size
     level1 = F.interpolate(x, size=r, mode="trilinear", align_corners=False)
     torch.testing.assert_close(out.levels[0].inputs, level1)
@@ -62,7 +62,7 @@ def test_level_volumes_are_the_boxes_of_the_level1_crop():
 
 
 def test_output_shapes_and_alignment_features():
-    cfg, _, _, _, out = _run([], batch=2)
+    _cfg, _, _, _, out = _run([], batch=2)
     n, p3 = 4 ** 3, 8 ** 3
     assert [lv.pred.shape for lv in out.levels] == [(2, n, p3), (8, n, p3), (32, n, p3)]
     assert out.levels[0].context is None and out.levels[2].unit_features is None

@@ -179,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="phantoms + tiny MiM pre-training on the CPU (a few minutes)")
     p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: preset)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
     p.add_argument("--cases", type=int, default=8, help="phantom cases to generate")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)

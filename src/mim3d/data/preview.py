@@ -40,6 +40,6 @@ def load_level1_crop(path: str | Path, data: DataConfig,
     body = np.argwhere(hu > data.body_hu)
     # centre on the body so the picture shows anatomy, not the air around it
     centre = body.mean(axis=0) if len(body) else np.asarray(hu.shape) / 2
-    start = [int(round(c - s / 2)) for c, s in zip(centre, crop_size)]
+    start = [round(c - s / 2) for c, s in zip(centre, crop_size)]
     crop = crop_array(hu, start, crop_size, pad_value=AIR_HU)
     return normalize(crop, data)

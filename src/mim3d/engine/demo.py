@@ -11,6 +11,9 @@ from mim3d.data.prepare import prepare
 from mim3d.engine.pretrain import PretrainResult, pretrain
 
 DEMO_SHAPE = (96, 96, 80)
+#: The tiny preset's own schedule (400 steps) takes 20+ minutes on a 2-core CPU; 100 steps take
+#: about five and already show the loss falling and recognisable reconstructions.
+DEMO_STEPS = 100
 
 
 def run_demo(out: Path, *, steps: int | None = None, cases: int = 8, seed: int = 0,
@@ -19,7 +22,7 @@ def run_demo(out: Path, *, steps: int | None = None, cases: int = 8, seed: int =
 
     Args:
         out: demo folder; holds ``phantoms/``, ``store/`` and the run folder ``run/``.
-        steps: optimizer steps (default: the tiny preset's whole schedule).
+        steps: optimizer steps, the whole schedule (default :data:`DEMO_STEPS`).
         cases: number of phantom volumes.
         seed: seeds the phantoms and the run.
         progress: show progress bars.
@@ -31,9 +34,9 @@ def run_demo(out: Path, *, steps: int | None = None, cases: int = 8, seed: int =
     t0 = time.perf_counter()
     datalist = write_cohort(out / "phantoms", cases, seed=seed, shape=DEMO_SHAPE)
     print(f"[1/3] wrote {cases} CT phantoms (HU, 13 BTCV organs) and {datalist}")
-    overrides = [f"train.seed={seed}"]
-    if steps is not None:
-        overrides += [f"optim.total_steps={steps}", f"optim.warmup_steps={steps // 10}"]
+    steps = DEMO_STEPS if steps is None else steps
+    overrides = [f"train.seed={seed}", f"optim.total_steps={steps}",
+                 f"optim.warmup_steps={steps // 10}", f"train.image_every={max(1, steps // 4)}"]
     cfg = load_config("pretrain", "tiny", overrides=overrides)
     report = prepare([datalist], out / "store", data=cfg.data, workers=cfg.train.workers,
                      progress=progress)

@@ -64,8 +64,8 @@ from mim3d.engine.optim import param_groups, set_lr, warmup_cosine
 from mim3d.engine.runtime import tune_cpu_allocator
 from mim3d.engine.train import (
     NonFiniteLossError,
-    _clip_and_step,  # the pre-training step's clip + update, reused
     autocast_context,
+    clip_and_step,  # the pre-training step's clip + update, reused
     make_scaler,
 )
 from mim3d.evaluation import dice
@@ -177,7 +177,7 @@ class _Run:
             (self.scaler.scale(loss / o.accum_steps) if self.scaler
              else loss / o.accum_steps).backward()
             total += float(loss.detach()) / o.accum_steps
-        norm = _clip_and_step(self.model, self.optimizer, o.grad_clip, self.scaler, self.step)
+        norm = clip_and_step(self.model, self.optimizer, o.grad_clip, self.scaler, self.step)
         return total, norm, lr, waited
 
     def validate(self) -> float | None:

@@ -5,18 +5,24 @@ A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``t
 A run stopped at any point (``--max-steps``, SIGTERM, SIGKILL) and resumed with ``--resume``
 reaches the same weights as the uninterrupted run: masks and crops are pure functions of
 (seed, step, position), and model, optimizer, scaler and RNG states are restored.
+
+Everything that can be checked is checked before the run folder is touched (config, geometry,
+data, the checkpoint to resume from), so a bad invocation never damages an existing run.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
-from tqdm import tqdm
 
 from mim3d.config import ConfigError, PretrainConfig, config_from_dict, save_config, to_dict
 from mim3d.data.prepare import prepare
@@ -24,9 +30,25 @@ from mim3d.data.sampler import PretrainCropDataset, StepSampler, make_loader
 from mim3d.data.store import PreparedStore
 from mim3d.engine import dist as D
 from mim3d.engine.checkpoint import find_latest, gather_rng_states, load_checkpoint, save_checkpoint
-from mim3d.engine.monitor import RunMonitor, StopSignal, truncate_metrics
+from mim3d.engine.monitor import (
+    RunMonitor,
+    StepMeter,
+    StopSignal,
+    TimedIterator,
+    peak_memory_mb,
+    progress_bar,
+    signals_ignored,
+    truncate_metrics,
+)
 from mim3d.engine.optim import param_groups, set_lr, warmup_cosine
-from mim3d.engine.train import NonFiniteLossError, train_step
+from mim3d.engine.train import (
+    NonFiniteLossError,
+    StepResult,
+    make_scaler,
+    resolve_precision,
+    train_step,
+)
+from mim3d.masking import LevelGeometry
 from mim3d.models.registry import build_mim, geometry_from_config
 
 CONFIG_FILE = "config.yaml"
@@ -51,14 +73,45 @@ def resolve_run_config(cfg: PretrainConfig, run_dir: Path, resume: bool) -> Pret
     Raises:
         ConfigError: the folder already holds checkpoints but ``--resume`` was not given.
     """
-    saved = run_dir / CONFIG_FILE
-    has_ckpt = find_latest(run_dir) is not None if run_dir.is_dir() else False
-    if has_ckpt and not resume:
+    latest = find_latest(run_dir) if run_dir.is_dir() else None
+    if latest is not None and not resume:
         raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass --resume to "
                           "continue it or choose another --out")
-    if resume and saved.is_file():
-        return config_from_dict("pretrain", yaml.safe_load(saved.read_text()))
+    if not resume:
+        return cfg
+    saved = run_dir / CONFIG_FILE
+    if saved.is_file():
+        return _read_saved_config(saved, yaml.safe_load)
+    if latest is not None:  # config.yaml lost: every checkpoint carries the config too
+        return _read_saved_config(latest / "meta.json", lambda text: json.loads(text)["config"])
     return cfg
+
+
+def _read_saved_config(path: Path, parse: Any) -> PretrainConfig:
+    try:
+        return config_from_dict("pretrain", parse(path.read_text()))
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, AttributeError, yaml.YAMLError,
+            json.JSONDecodeError) as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise ConfigError(f"cannot read the run's config {path} ({detail}); restore it or "
+                          "start a new run") from None
+
+
+def _on_main(fn: Any, info: D.DistInfo) -> Any:
+    """Run ``fn`` on rank 0 only; every rank raises rank 0's error instead of waiting forever."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except (ValueError, FileNotFoundError) as exc:
+            error = str(exc)
+    if info.world_size > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise ValueError(error)
+    return result
 
 
 def open_training_data(data: str | Path, run_dir: Path, cfg: PretrainConfig,
@@ -69,11 +122,13 @@ def open_training_data(data: str | Path, run_dir: Path, cfg: PretrainConfig,
         raise FileNotFoundError(f"data path {path} does not exist: pass a prepared store "
                                 "(mim3d prepare) or image files/folders/datalists")
     if not (path / "store.json").is_file():
-        if info.is_main:
-            report = prepare([path], run_dir / "store", data=cfg.data, workers=cfg.train.workers)
+        def _prepare() -> None:
+            report = prepare([path], run_dir / "store", data=cfg.data,
+                             workers=cfg.train.workers)
             print(f"prepared {report.prepared} cases into {report.store} "
                   f"({report.quarantined} quarantined)")
-        D.barrier()
+
+        _on_main(_prepare, info)
         path = run_dir / "store"
     store = PreparedStore.open(path)
     if len(store) == 0:
@@ -81,44 +136,42 @@ def open_training_data(data: str | Path, run_dir: Path, cfg: PretrainConfig,
     return store
 
 
-def _build_optimizer(model: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                             betas=cfg.optim.betas)
-
-
-def _scaler(cfg: PretrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
-    if cfg.optim.precision == "fp16" and device.type == "cuda":
-        return torch.amp.GradScaler("cuda")
-    return None
-
-
 class _Run:
     """Live objects of one run, so the loop body stays short."""
 
-    def __init__(self, cfg: PretrainConfig, run_dir: Path, info: D.DistInfo) -> None:
-        self.cfg, self.run_dir, self.info = cfg, run_dir, info
-        self.geometry = geometry_from_config(cfg.geometry)
+    def __init__(self, cfg: PretrainConfig, run_dir: Path, info: D.DistInfo,
+                 geometry: tuple[LevelGeometry, ...], dataset: PretrainCropDataset) -> None:
+        self.cfg, self.run_dir, self.info, self.geometry = cfg, run_dir, info, geometry
+        self.dataset = dataset
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_mim(cfg).to(info.device)
-        self.optimizer = _build_optimizer(self.model, cfg)
-        self.scaler = _scaler(cfg, info.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay),
+                                           lr=cfg.optim.lr, betas=cfg.optim.betas)
+        self.scaler = make_scaler(info.device, cfg.optim.precision)
         self.step = 0
         self.net: nn.Module = self.model
-        self.monitor = RunMonitor(run_dir, enabled=info.is_main)
+        self.monitor = RunMonitor(run_dir, enabled=False)  # replaced once the folder is ours
         self.pictures: list[Path] = []
+        self.samples_per_step = cfg.optim.batch_size * cfg.optim.accum_steps * info.world_size
 
-    def resume(self) -> None:
-        latest = find_latest(self.run_dir)
+    def resume(self) -> Path | None:
+        """Load the newest checkpoint, if any (raises ``CheckpointError`` when it is damaged)."""
+        latest = find_latest(self.run_dir) if self.run_dir.is_dir() else None
         if latest is None:
-            if self.info.is_main:
-                print(f"--resume: no checkpoint in {self.run_dir} yet; starting from step 0")
-            return
+            return None
         state = load_checkpoint(latest, model=self.model, optimizer=self.optimizer,
                                 scaler=self.scaler, map_location=self.info.device)
         self.step = state["step"]
-        if self.info.is_main:
-            truncate_metrics(self.run_dir, self.step)
-            print(f"resumed from {latest} at step {self.step}")
+        saved_world = state["extra_state"].get("world_size", self.info.world_size)
+        if saved_world != self.info.world_size and self.info.is_main:
+            warnings.warn(f"{latest} was written by {saved_world} process(es), this run has "
+                          f"{self.info.world_size}: training continues, but the data stream and "
+                          "weights will differ from an uninterrupted run", stacklevel=2)
+        return latest
+
+    def open_monitor(self) -> None:
+        self.monitor = RunMonitor(self.run_dir, enabled=self.info.is_main,
+                                  purge_step=self.step)
 
     def wrap(self) -> None:
         if self.info.world_size > 1:
@@ -126,17 +179,21 @@ class _Run:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     def checkpoint(self) -> Path | None:
+        """Save on rank 0 (all ranks take part: RNG states are gathered)."""
         rng = gather_rng_states()
         path = None
         if self.info.is_main:
+            extra = {"data_step": self.step, "world_size": self.info.world_size,
+                     "samples_seen": self.step * self.samples_per_step}
             path = save_checkpoint(self.run_dir, step=self.step, model=self.model,
                                    optimizer=self.optimizer, scaler=self.scaler,
-                                   extra_state={"data_step": self.step}, config=to_dict(self.cfg),
+                                   extra_state=extra, config=to_dict(self.cfg),
                                    keep_last=self.cfg.train.keep_last, rng_states=rng)
         D.barrier()
         return path
 
-    def picture(self, output) -> None:
+    def picture(self, output: Any) -> None:
+        """Input / masked / reconstruction of every level, as PNG and in TensorBoard."""
         from mim3d.viz import save_reconstruction_png
 
         if not self.info.is_main:
@@ -149,19 +206,21 @@ class _Run:
         self.pictures.append(path)
 
 
-def _loader(store: PreparedStore, cfg: PretrainConfig, info: D.DistInfo, start_step: int):
-    dataset = PretrainCropDataset(store, crop_size=cfg.geometry.crop_sizes[0], data=cfg.data,
-                                  seed=cfg.train.seed)
+def _dataset(store: PreparedStore, cfg: PretrainConfig) -> PretrainCropDataset:
+    return PretrainCropDataset(store, crop_size=cfg.geometry.crop_sizes[0], data=cfg.data,
+                               seed=cfg.train.seed)
+
+
+def _batches(dataset: PretrainCropDataset, cfg: PretrainConfig, info: D.DistInfo,
+             start_step: int) -> TimedIterator:
+    """The rank's micro-batch stream from ``start_step`` on, timed for the data-wait share."""
     sampler = StepSampler(batch_size=cfg.optim.batch_size, rank=info.rank,
                           world_size=info.world_size, start_step=start_step,
                           accum_steps=cfg.optim.accum_steps)
-    return make_loader(dataset, sampler, batch_size=cfg.optim.batch_size,
-                       workers=cfg.train.workers, seed=cfg.train.seed)
-
-
-def _postfix(losses: dict[str, float], lr: float, rate: float) -> dict[str, str]:
-    shown = {k: f"{v:.4f}" for k, v in losses.items()}
-    return {**shown, "lr": f"{lr:.2e}", "smp/s": f"{rate:.2f}"}
+    loader = make_loader(dataset, sampler, batch_size=cfg.optim.batch_size,
+                         workers=cfg.train.workers, seed=cfg.train.seed)
+    with signals_ignored():  # the workers fork here and keep the ignored dispositions
+        return TimedIterator(iter(loader))
 
 
 def pretrain(cfg: PretrainConfig, *, data: str | Path, out: str | Path,
@@ -175,78 +234,150 @@ def pretrain(cfg: PretrainConfig, *, data: str | Path, out: str | Path,
         out: the run folder.
         max_steps: stop after this many optimizer steps in total (the learning-rate schedule
             still spans ``cfg.optim.total_steps``); ``None`` runs the whole schedule.
-        resume: continue from the newest checkpoint in ``out``.
+        resume: continue from the newest checkpoint in ``out`` (from step 0 if it has none).
         progress: show a progress bar on the main rank.
 
     Returns:
-        A :class:`PretrainResult`.
+        A :class:`PretrainResult`. A run stopped by SIGTERM/SIGINT returns normally with
+        ``stopped_by_signal=True`` after writing a checkpoint.
+
+    Raises:
+        ConfigError, GeometryError, CheckpointError, ValueError, FileNotFoundError: bad input,
+            found before anything in ``out`` is changed.
+        NonFiniteLossError: the loss diverged; the last good checkpoint is kept.
     """
+    owns_group = not (dist.is_available() and dist.is_initialized())
     info = D.init_distributed()
-    run_dir = Path(out)
-    cfg = resolve_run_config(cfg, run_dir, resume)
+    try:
+        run = _setup(cfg, info, data=data, out=Path(out), max_steps=max_steps, resume=resume)
+        stop_at = min(run.cfg.optim.total_steps, max_steps or run.cfg.optim.total_steps)
+        try:
+            return _loop(run, stop_at, progress)
+        finally:
+            run.monitor.close()
+    finally:
+        if owns_group:
+            D.cleanup()
+
+
+def _setup(cfg: PretrainConfig, info: D.DistInfo, *, data: str | Path, out: Path,
+           max_steps: int | None, resume: bool) -> _Run:
+    """Validate everything, load the checkpoint, and only then write into the run folder."""
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1, got {max_steps}")
+    had_config = (out / CONFIG_FILE).is_file()
+    given = cfg
+    cfg = resolve_run_config(cfg, out, resume)
+    if cfg is not given and info.is_main:
+        print(f"--resume: using the run's own config from {out} "
+              "(--preset/--config/--set are ignored)")
+    geometry = geometry_from_config(cfg.geometry)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    store = open_training_data(data, out, cfg, info)
+    dataset = _dataset(store, cfg)  # checks that the store fits the data config
+    run = _Run(cfg, out, info, geometry, dataset)
+    latest = run.resume() if resume else None
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG_FILE)
+        if resume:
+            print(f"resumed from {latest} at step {run.step}" if latest else
+                  f"--resume: no checkpoint in {out} yet; starting from step 0")
+        out.mkdir(parents=True, exist_ok=True)
+        if not (resume and had_config):
+            save_config(cfg, out / CONFIG_FILE)
+        truncate_metrics(out, run.step)  # steps after the checkpoint are redone
     D.barrier()
-    store = open_training_data(data, run_dir, cfg, info)
-    run = _Run(cfg, run_dir, info)
-    if resume:
-        run.resume()
+    run.open_monitor()
     run.wrap()
-    stop_at = min(cfg.optim.total_steps, max_steps if max_steps is not None else 10**18)
+    return run
+
+
+@dataclass
+class _LoopState:
+    losses: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    stopped: bool = False
+
+
+def _one_step(run: _Run, batches: TimedIterator) -> tuple[StepResult, float, float]:
+    """One optimizer step with the scheduled rate; returns (result, lr, data wait seconds)."""
+    cfg = run.cfg
+    lr = warmup_cosine(run.step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
+                       total_steps=cfg.optim.total_steps, min_lr=cfg.optim.min_lr)
+    set_lr(run.optimizer, lr)
+    waited = batches.wait
     try:
-        result = _loop(run, store, stop_at, progress)
-    finally:
-        run.monitor.close()
-    return result
+        res = train_step(run.net, run.optimizer, batches, cfg=cfg, geometry=run.geometry,
+                         step=run.step, rank=run.info.rank, device=run.info.device,
+                         scaler=run.scaler)
+    except NonFiniteLossError as exc:
+        last = find_latest(run.run_dir) if run.run_dir.is_dir() else None
+        low = resolve_precision(run.info.device, cfg.optim.precision) != "fp32"
+        hint = "lower optim.lr, raise optim.warmup_steps" + (
+            " or use optim.precision=fp32" if low else " or check the data")
+        raise NonFiniteLossError(f"{exc}; stopping. The last good checkpoint is "
+                                 f"{last or 'none (no checkpoint written yet)'}; {hint}"
+                                 ) from None
+    return res, lr, batches.wait - waited
 
 
-def _loop(run: _Run, store: PreparedStore, stop_at: int, progress: bool) -> PretrainResult:
-    cfg, info = run.cfg, run.info
-    batches = iter(_loader(store, cfg, info, run.step))
-    bar = tqdm(total=stop_at, initial=run.step, disable=not (progress and info.is_main),
-               desc="pretrain", dynamic_ncols=True)
-    losses: dict[str, float] = {}
-    ckpt, stopped = None, False
-    samples = cfg.optim.batch_size * cfg.optim.accum_steps * info.world_size
-    with StopSignal() as stop:
+def _loop(run: _Run, stop_at: int, progress: bool) -> PretrainResult:
+    cfg, info, state = run.cfg, run.info, _LoopState()
+    if run.step >= stop_at and info.is_main:
+        print(f"nothing to do: the run is at step {run.step}, the stop step is {stop_at}")
+    batches = _batches(run.dataset, cfg, info, run.step)
+    meter = StepMeter(run.samples_per_step)
+    shown = progress and info.is_main
+    with StopSignal() as stop, progress_bar(stop_at, run.step, "pretrain", shown) as bar:
         while run.step < stop_at:
-            lr = warmup_cosine(run.step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
-                               total_steps=cfg.optim.total_steps, min_lr=cfg.optim.min_lr)
-            set_lr(run.optimizer, lr)
             t0 = time.perf_counter()
-            try:
-                res = train_step(run.net, run.optimizer, batches, cfg=cfg, geometry=run.geometry,
-                                 step=run.step, rank=info.rank, device=info.device,
-                                 scaler=run.scaler)
-            except NonFiniteLossError as exc:
-                last = find_latest(run.run_dir)
-                raise NonFiniteLossError(f"{exc}; stopping. The last good checkpoint is "
-                                         f"{last or 'none'}; lower optim.lr or use "
-                                         "optim.precision=fp32") from None
+            res, lr, waited = _one_step(run, batches)
             run.step += 1
-            losses = res.losses
-            rate = samples / max(time.perf_counter() - t0, 1e-9)
-            bar.update(1)
-            bar.set_postfix(_postfix(losses, lr, rate))
-            if run.step % cfg.train.log_every == 0 or run.step == stop_at:
-                run.monitor.log(run.step, {**losses, "lr": lr, "samples_per_s": rate,
-                                           "grad_norm": res.grad_norm})
-            if run.step % cfg.train.image_every == 0 or run.step == stop_at:
-                run.picture(res.output)
-            stopped = _stop_requested(stop, info)
-            if run.step % cfg.train.ckpt_every == 0 or run.step == stop_at or stopped:
-                ckpt = run.checkpoint() or ckpt
-            if stopped:
+            meter.add(time.perf_counter() - t0, waited)
+            state.losses = res.losses
+            bar.set_postfix({**{k: f"{v:.4f}" for k, v in res.losses.items()},
+                             "lr": f"{lr:.2e}"}, refresh=False)
+            bar.update(1)  # redraws with the new postfix
+            _after_step(run, res, lr, meter, stop_at)
+            state.stopped = _stop_requested(stop, info)
+            if run.step % cfg.train.ckpt_every == 0 or run.step == stop_at or state.stopped:
+                state.checkpoint = run.checkpoint() or state.checkpoint
+            if state.stopped:
                 break
-    bar.close()
-    if ckpt is None and info.is_main and run.step > 0:
+    return _finish(run, state)
+
+
+def _after_step(run: _Run, res: StepResult, lr: float, meter: StepMeter, stop_at: int) -> None:
+    """Log metrics and draw the reconstruction picture when they are due."""
+    cfg = run.cfg
+    if run.step % cfg.train.log_every == 0 or run.step == stop_at:
+        losses = _mean_over_ranks(res.losses, run.info)
+        run.monitor.log(run.step, {**losses, "lr": lr, "grad_norm": res.grad_norm,
+                                   "samples": run.step * run.samples_per_step, **meter.report(),
+                                   "peak_mem_mb": peak_memory_mb(run.info.device)})
+    if run.step % cfg.train.image_every == 0 or run.step == stop_at:
+        run.picture(res.output)
+
+
+def _mean_over_ranks(losses: dict[str, float], info: D.DistInfo) -> dict[str, float]:
+    """Loss terms averaged over ranks (each rank saw other samples); a collective."""
+    if info.world_size == 1:
+        return losses
+    keys = sorted(losses)
+    values = D.all_reduce_mean(torch.tensor([losses[k] for k in keys], device=info.device))
+    return dict(zip(keys, values.tolist()))
+
+
+def _finish(run: _Run, state: _LoopState) -> PretrainResult:
+    ckpt = state.checkpoint
+    if ckpt is None and run.info.is_main and run.step > 0:
         ckpt = find_latest(run.run_dir)
+    if state.stopped and run.info.is_main:
+        print(f"stopped by a signal at step {run.step}; checkpoint {ckpt}; continue with "
+              "--resume")
     return PretrainResult(run_dir=run.run_dir, step=run.step, checkpoint=ckpt,
                           metrics=run.run_dir / "metrics.jsonl", pictures=run.pictures,
-                          last_losses=losses, stopped_by_signal=stopped)
+                          last_losses=state.losses, stopped_by_signal=state.stopped)
 
 
 def _stop_requested(stop: StopSignal, info: D.DistInfo) -> bool:
@@ -254,6 +385,5 @@ def _stop_requested(stop: StopSignal, info: D.DistInfo) -> bool:
     flag = torch.tensor([1.0 if stop.received is not None else 0.0])
     if info.world_size > 1:
         flag = flag.to(info.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item() > 0)
-

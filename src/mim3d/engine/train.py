@@ -17,8 +17,12 @@ from mim3d.masking import LevelGeometry, LevelMasks, sample_levels
 from mim3d.models.mim import MiMOutput
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+class NonFiniteLossError(RuntimeError, ValueError):
+    """The loss (or gradient) became NaN or infinite; the run stops, keeping its last checkpoint.
+
+    Also a ``ValueError`` so that the command line reports it as one clear line with a non-zero
+    exit code, like every other run-stopping problem (lr too high, fp16 overflow, bad data).
+    """
 
 
 @dataclass
@@ -42,12 +46,42 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return g
 
 
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """The precision a run really uses: ``auto`` is bf16 on a GPU that has it, fp16 on an older
+    GPU (with a GradScaler) and fp32 on the CPU; explicit choices are kept."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on GPU as configured; full fp32 on CPU (``auto``)."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+    """Autocast for bf16/fp16 (see :func:`resolve_precision`); nothing for fp32."""
+    precision = resolve_precision(device, precision)
+    if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """A GradScaler when the run computes in fp16 (bf16 and fp32 need none)."""
+    if resolve_precision(device, precision) != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_finite(value: Tensor) -> bool:
+    """Whether ``value`` is finite on every rank (one rank stopping alone would hang DDP)."""
+    flag = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+    if _distributed():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
 
 
 def compute_losses(output: MiMOutput, cfg: PretrainConfig, step: int) -> dict[str, Tensor]:
@@ -104,21 +138,31 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                 output = model(x, masks)
                 losses = compute_losses(output, cfg, step)
             loss = losses["loss"]
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLossError(f"loss is {loss.item()} at step {step + 1}")
+            if not _all_finite(loss):
+                where = " (on this or another rank)" if _distributed() else ""
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {step + 1}{where}")
             (scaler.scale(loss / accum) if scaler else loss / accum).backward()
         for k, v in losses.items():
             totals[k] = totals.get(k, 0.0) + float(v.detach()) / accum
-    grad_norm = _clip_and_step(model, optimizer, cfg.optim.grad_clip, scaler)
+    grad_norm = clip_and_step(model, optimizer, cfg.optim.grad_clip, scaler, step)
     return StepResult(losses=totals, grad_norm=grad_norm, output=output)
 
 
-def _clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float,
-                   scaler: torch.amp.GradScaler | None) -> float:
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float,
+                   scaler: torch.amp.GradScaler | None, step: int) -> float:
+    """Clip the gradient norm and apply the update; returns the norm before clipping.
+
+    Raises:
+        NonFiniteLossError: without a GradScaler, when the gradient is not finite (the update
+            would turn every weight into NaN). With one, the scaler skips such steps itself.
+    """
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    if scaler is None and not math.isfinite(float(norm)):  # DDP: gradients agree across ranks
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"gradient norm is {float(norm)} at step {step + 1}")
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
