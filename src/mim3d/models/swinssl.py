@@ -16,8 +16,8 @@ Three proxy tasks share the bottleneck (768 @ /32, i.e. 3^3 tokens at 96^3):
 
 Token choice: the authors read the rotation logits from bottleneck token 0 and the contrastive
 embedding from token 1 (``head_pool="token"``, the default, to reproduce their baseline);
-``head_pool="mean"`` uses the global average instead (and works when the bottleneck has a single
-token). The cost of either is negligible next to the encoder and decoder.
+``head_pool="mean"`` uses the global average instead. The cost of either is negligible next to
+the encoder and decoder.
 """
 
 from __future__ import annotations
@@ -91,8 +91,9 @@ class SwinSSL(nn.Module):
 
     Args:
         in_channels: image channels C.
-        img_size: (D, H, W) the model is built for; each divisible by 32. Only validated (the
-            Swin encoder itself is size-agnostic), so a wrong input size fails early and clearly.
+        img_size: (D, H, W) the model is built for; each divisible by 32, at least 2 voxels at
+            /32 in total. Only validated (the Swin encoder itself is size-agnostic), so a wrong
+            input size fails early and clearly.
         feature_size: Swin embedding width (48 in the paper; divisible by 12 as in SwinUNETR).
         rotation_classes: rotation labels (4: 0/90/180/270 degrees).
         contrastive_dim: width of the contrastive embedding.
@@ -137,9 +138,9 @@ class SwinSSL(nn.Module):
         n_tokens = 1
         for s in img_size:
             n_tokens *= int(s) // _DOWNSCALE
-        if head_pool == "token" and n_tokens < 2:
-            raise ValueError(f"head_pool='token' needs >= 2 bottleneck tokens; img_size "
-                             f"{tuple(img_size)} gives {n_tokens}; use head_pool='mean'")
+        if n_tokens < 2:  # token heads need tokens 0 and 1; InstanceNorm needs >= 2 voxels
+            raise ValueError(f"img_size {tuple(img_size)} gives {n_tokens} bottleneck voxel at "
+                             "/32; need >= 2 (e.g. 32x32x64 or 64^3)")
 
     def forward(self, x: Tensor) -> SwinSSLOutput:
         """Run one (augmented) view.
