@@ -25,13 +25,15 @@ median wall time (and process CPU time) of N steps. Memory: each case runs in a 
 the peak-RSS counter is reset (``/proc/self/clear_refs``) right before its first step and the
 figure is VmHWM after it minus VmRSS before it (activations, gradients, autograd and allocator;
 parameters reported apart); CUDA: ``max_memory_allocated`` minus the allocation before.
+Workers run with glibc malloc told never to mmap or trim (``TUNED_MALLOC``, the CPU-training
+equivalent of preloading jemalloc/tcmalloc); ``glibc-malloc`` runs show what that is worth.
 ``step_share_of_gemm_peak`` = (fwd+bwd FLOPs / median step time) / the best fp32 2048^3
 ``torch.mm`` FLOP/s seen in the run at the same thread count (best of 6 in the parent before and
 after, and in each worker before its timed steps), best over the fp32 MiM variants. Each run also
 records ``foreign_cpu_share``: the share of the CPUs *other* processes used while it was timed.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/efficiency.py                 # CPU, ~6-10 min
-    PYTHONPATH=src .venv/bin/python benchmarks/efficiency.py --quick         # CI smoke, seconds
+    PYTHONPATH=src .venv/bin/python benchmarks/efficiency.py                 # CPU, ~5 min idle
+    PYTHONPATH=src .venv/bin/python benchmarks/efficiency.py --quick         # CI smoke, ~1 min
     PYTHONPATH=src .venv/bin/python benchmarks/efficiency.py --device cuda   # GPU, bf16 autocast
 """
 
@@ -72,6 +74,10 @@ FULL = {"preset": "base", "vit": (768, 12, 12), "mae_dec": (512, 8, 16), "swin":
 QUICK = {"preset": "tiny", "vit": (128, 2, 4), "mae_dec": (64, 1, 4), "swin": ((64, 32, 32), 12),
          "iters": {"mim_base": 1, "hybrid_all": 1, "mae3d": 1, "swinssl": 1, "variant": 1}}
 CASES = ("mim_base", "hybrid_all", "mae3d", "swinssl")
+# glibc malloc returns every large block (mmap) to the OS on free, so each step page-faults its
+# activations in again (high sys time). Never mmap, never trim: freed memory is reused instead.
+# The glibc-malloc runs measure what it is worth (mostly SwinSSL's big attention buffers).
+TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 
 
 @dataclasses.dataclass
@@ -330,13 +336,16 @@ def _variants(args: argparse.Namespace) -> list[dict[str, Any]]:
     cuda = args.device == "cuda"
     prec = "bf16" if cuda else "fp32"  # GPU runs as training does there: bf16 autocast
     base = {"device": args.device, "threads": args.threads, "quick": args.quick, "batch": 1,
-            "precision": prec, "compile": False}
+            "precision": prec, "compile": False, "malloc": "tuned"}
     runs = [{**base, "case": c, "iters": 20 if cuda else mode["iters"][c],
              "sample_flops": c == "mim_base"} for c in CASES]
     mim = {**base, "case": "mim_base", "iters": 20 if cuda else mode["iters"]["variant"]}
     runs.append({**mim, "batch": 8 if cuda else 2})
-    if not cuda and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not cuda and torch.ops.mkldnn._is_mkldnn_bf16_supported():  # AVX512-BF16 / AMX
         runs.append({**mim, "precision": "bf16"})
+    if not cuda:  # what the allocator setting is worth
+        runs += [{**r, "malloc": "glibc-default", "sample_flops": False}
+                 for r in runs[:len(CASES)] if r["case"] in ("mim_base", "swinssl")]
     if args.try_compile:
         runs.append({**mim, "compile": True})
     return runs
@@ -360,10 +369,13 @@ def _wait_idle(max_wait: float, threshold: float = 0.15) -> dict[str, float]:
 def _run_worker(spec: dict[str, Any], timeout: float, wait: float) -> dict[str, Any]:
     """Run :func:`worker` in a fresh interpreter (clean peak-RSS baseline) and parse its JSON."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
+    env.update(TUNED_MALLOC if spec["malloc"] == "tuned" else {})
     idle = _wait_idle(wait) if wait > 0 else {}
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
+                              env=env)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timed out after {timeout:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER_JSON ")]
@@ -379,8 +391,9 @@ def _derive(r: dict[str, Any]) -> dict[str, Any]:
         return r
     v, t = r["volumes_per_step"], statistics.median(r["wall_s"])
     total = r["flops_fwd"] + r["flops_bwd"]
-    return {**r, "label": f"{r['case']}[b{r['batch']},{r['precision']}"
-                          f"{',compile' if r['compile'] else ''}]",
+    extra = (",compile" if r["compile"] else "") + (",glibc-malloc" if r["malloc"] != "tuned"
+                                                     else "")
+    return {**r, "label": f"{r['case']}[b{r['batch']},{r['precision']}{extra}]",
             "gflops_fwd_per_volume": r["flops_fwd"] / v / 1e9,
             "gflops_fwd_bwd_per_volume": total / v / 1e9, "median_step_s": t,
             "min_step_s": min(r["wall_s"]), "median_step_cpu_s": statistics.median(r["cpu_s"]),
@@ -425,7 +438,8 @@ def _machine(args: argparse.Namespace) -> dict[str, Any]:
     names = [ln.split(":", 1)[1].strip() for ln in info.splitlines()
              if ln.startswith("model name")]
     return {"cpu_model": names[0] if names else "unknown", "cpu_count": os.cpu_count(),
-            "torch_threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": args.threads,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
@@ -451,7 +465,7 @@ def _print(summary: dict[str, Any], runs: list[dict[str, Any]]) -> None:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny models (CI smoke, seconds)")
+    ap.add_argument("--quick", action="store_true", help="tiny models (CI smoke, ~1 min)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="torch threads in every worker (default: torch's default)")
