@@ -18,9 +18,11 @@ from mim3d.config import (
     to_dict,
 )
 
-PRETRAIN = ["base", "official", "small", "tiny"]
+PRETRAIN = ["base", "hybrid-mae", "mae3d", "official", "small", "study", "study-hybrid-mae",
+            "study-mae3d", "study-swin-ssl", "swin-ssl", "tiny"]
 DOWNSTREAM = ["amos22", "brats21", "btcv", "cc-ccii", "flare22", "mmwhs", "msd-colon",
-              "msd-hepatic-vessel", "msd-liver", "msd-lung", "msd-pancreas", "msd-spleen"]
+              "msd-hepatic-vessel", "msd-liver", "msd-lung", "msd-pancreas", "msd-spleen",
+              "study-phantom"]
 
 
 def test_every_preset_is_shipped_and_loads():

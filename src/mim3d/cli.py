@@ -168,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
                    metavar=("SX", "SY", "SZ"))
     p.set_defaults(func=cmd_phantoms)
 
-    p = sub.add_parser("pretrain", help="MiM pre-training (single process or under torchrun)")
+    p = sub.add_parser("pretrain", help="MiM (or baseline) pre-training, single process or under torchrun")
     p.add_argument("--data", required=True, help="a prepared store, or raw inputs as for prepare")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--max-steps", type=int, default=None,

@@ -33,6 +33,7 @@ ALIGNMENTS = ("infonce", "byol", "none")
 SCHEDULES = ("concurrent", "coarse_to_fine", "fine_to_coarse", "level1_only")
 ENCODERS = ("hybrid", "vit")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+METHODS = ("mim", "swinssl")
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -211,15 +212,33 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Everything a MiM pre-training run needs."""
+    """Everything a pre-training run needs.
+
+    ``method="mim"`` covers MiM and its single-level baselines (MAE3D with ``model.encoder=vit``,
+    the hybrid MAE with one level); ``method="swinssl"`` is Swin-UNETR's SSL baseline, which
+    reads only the level-1 crop/input size, ``model.dims[0]`` (Swin width 12 * ceil(dims[0] / 12),
+    as the downstream SwinUNETR) and ``loss.temperature`` (NT-Xent).
+    """
 
     name: str = "base"
+    method: str = "mim"
     data: DataConfig = field(default_factory=DataConfig)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, "method", self.method, f"choose one of {', '.join(METHODS)}")
+        if self.method == "swinssl":
+            _check(self.geometry.levels == 1, "geometry.crop_sizes", self.geometry.crop_sizes,
+                   "method swinssl uses one level")
+            _check(self.geometry.crop_sizes[0] == self.geometry.input_size, "geometry.input_size",
+                   self.geometry.input_size, "method swinssl needs input_size == crop_sizes[0]")
+            _check(self.geometry.input_size[0] == self.geometry.input_size[1],
+                   "geometry.input_size", self.geometry.input_size,
+                   "method swinssl rotates in the axial plane, so sides x and y must be equal")
 
 
 @dataclass(frozen=True)

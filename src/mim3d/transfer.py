@@ -32,7 +32,8 @@ from mim3d import __version__
 from mim3d.config import ConfigError, PretrainConfig, config_from_dict, load_config
 from mim3d.models.hybrid import HybridEncoder, official_key_to_mim3d
 from mim3d.models.layers import sincos_pos_embed_3d
-from mim3d.models.registry import build_encoder
+from mim3d.models.registry import transferable_encoder
+from mim3d.models.swinssl import swin_encoder, swin_feature_size
 from mim3d.models.vit import ViTEncoder
 
 __all__ = ["FORMAT", "TransferError", "TransferReport", "encoder_from_card", "export_encoder",
@@ -149,10 +150,11 @@ def read_card(path: str | Path) -> dict[str, Any] | None:
 
 def encoder_from_card(card: dict[str, Any], **overrides: Any) -> nn.Module:
     """Rebuild a card's encoder; ``overrides`` change e.g. ``in_channels`` or ``input_size``."""
-    cls = {"hybrid": HybridEncoder, "vit": ViTEncoder}.get(card.get("architecture"))
+    cls = {"hybrid": HybridEncoder, "vit": ViTEncoder, "swin": swin_encoder}.get(
+        card.get("architecture"))
     if cls is None:
         raise TransferError(f"card architecture {card.get('architecture')!r} is unknown; "
-                            "expected hybrid or vit")
+                            "expected hybrid, vit or swin")
     return cls(**{**card["encoder_kwargs"], **overrides})
 
 
@@ -162,8 +164,9 @@ def _card(cfg: PretrainConfig, kwargs: dict[str, Any], source: dict[str, Any],
     training = {"preset": cfg.name, "mask_ratios": list(g.mask_ratios),
                 "crop_sizes": [list(c) for c in g.crop_sizes], **training}
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "architecture": cfg.model.encoder, "encoder_kwargs": kwargs,
-            "patch_size": kwargs["patch_size"], "roi": list(kwargs["input_size"]),
+            "architecture": "swin" if cfg.method == "swinssl" else cfg.model.encoder,
+            "encoder_kwargs": kwargs, "patch_size": kwargs.get("patch_size", 2),
+            "roi": list(g.input_size),
             "spacing": list(d.spacing) if d.spacing else None, "orientation": "RAS",
             "hu_window": list(d.hu_window), "normalization": d.normalization,
             "channels": kwargs["in_channels"], "source": source, "training": training,
@@ -215,6 +218,8 @@ def _store_summary(folder: Path) -> dict[str, Any]:
 
 def _encoder_kwargs(cfg: PretrainConfig) -> dict[str, Any]:
     m, g = cfg.model, cfg.geometry
+    if cfg.method == "swinssl":  # size-agnostic: the pre-training roi goes on the card only
+        return {"in_channels": m.in_channels, "feature_size": swin_feature_size(m.dims[0])}
     kwargs: dict[str, Any] = {"in_channels": m.in_channels, "input_size": list(g.input_size),
                               "patch_size": g.patch_size, "num_heads": m.num_heads,
                               "mlp_ratio": m.mlp_ratio}
@@ -240,9 +245,9 @@ def export_encoder(run_or_ckpt: str | Path, out: str | Path) -> tuple[Path, Path
     folder, weights_path = _locate_checkpoint(Path(run_or_ckpt))
     meta, cfg = _run_config(folder)
     state = _read_weights(weights_path)
-    weights = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    target = build_encoder(cfg.model, input_size=cfg.geometry.input_size,
-                           patch_size=cfg.geometry.patch_size).state_dict()
+    prefix, encoder = transferable_encoder(cfg)
+    weights = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(f"{prefix}.")}
+    target = encoder.state_dict()
     bad = [k for k in target if k not in weights or weights[k].shape != target[k].shape]
     if bad:
         raise _error(weights_path, f"{len(bad)} encoder tensor(s) missing or of another shape "
@@ -401,6 +406,8 @@ def vit_to_monai_key(name: str) -> str | None:
 def _architecture(keys: Any) -> str | None:
     if "token_proj.weight" in keys:
         return "hybrid"
+    if "patch_embed.proj.weight" in keys and "layers1.0.blocks.0.attn.qkv.weight" in keys:
+        return "swin"  # MONAI's SwinTransformer (SwinUNETR's swinViT)
     return "vit" if "patch_embedding.patch_embeddings.weight" in keys else None
 
 

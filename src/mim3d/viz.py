@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from mim3d.masking import LevelGeometry, LevelMasks, unpatchify
 
@@ -232,8 +233,8 @@ def _central_slice(vol: np.ndarray, view: tuple[str, int, int, int]) -> np.ndarr
 
 
 def _reconstruction_figure(volumes: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                           chain: list[int], sample: int, norm_pix: bool) -> Any:
-    """Grid figure: one row per level, column groups input | masked input | reconstruction."""
+                           row_labels: list[str], title: str) -> Any:
+    """Grid figure: one row per volume, column groups input | masked input | reconstruction."""
     from matplotlib.figure import Figure
 
     n = len(volumes)
@@ -242,7 +243,7 @@ def _reconstruction_figure(volumes: list[tuple[np.ndarray, np.ndarray, np.ndarra
     gs = fig.add_gridspec(n, 11, width_ratios=[1, 1, 1, 0.15] * 2 + [1, 1, 1], wspace=0.04,
                           hspace=0.06, left=0.05, right=0.995, bottom=0.01,
                           top=1.0 - 0.75 / fig.get_figheight())
-    for row, (vols, idx) in enumerate(zip(volumes, chain)):
+    for row, (vols, label) in enumerate(zip(volumes, row_labels)):
         for g, vol in enumerate(vols):
             for v, view in enumerate(_VIEWS):
                 ax = fig.add_subplot(gs[row, 4 * g + v])
@@ -257,11 +258,18 @@ def _reconstruction_figure(volumes: list[tuple[np.ndarray, np.ndarray, np.ndarra
                                     xycoords="axes fraction", textcoords="offset points",
                                     ha="center", va="bottom", fontsize=12, weight="bold")
                 if g == 0 and v == 0:
-                    ax.set_ylabel(f"level {row + 1}\nvolume {idx}", fontsize=10)
-    pix = "de-normalised per token" if norm_pix else "raw voxels"
-    fig.suptitle(f"MiM reconstruction, sample {sample} ({pix}; central slices)", fontsize=10,
-                 x=0.01, y=0.995, ha="left", va="top")
+                    ax.set_ylabel(label, fontsize=10)
+    fig.suptitle(title, fontsize=10, x=0.01, y=0.995, ha="left", va="top")
     return fig
+
+
+def _rgb(fig: Any) -> np.ndarray:
+    """``(H, W, 3)`` uint8 pixels of a matplotlib figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def reconstruction_picture(output: Any, *, patch_size: int, norm_pix: bool,
@@ -277,15 +285,13 @@ def reconstruction_picture(output: Any, *, patch_size: int, norm_pix: bool,
     Returns:
         ``(H, W, 3)`` uint8 RGB, ready for ``SummaryWriter.add_image(..., dataformats="HWC")``.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    levels = list(output.levels)
     volumes = reconstruction_volumes(output, patch_size=patch_size, norm_pix=norm_pix,
                                      sample=sample)
-    fig = _reconstruction_figure(volumes, _lineage(levels, sample), sample, norm_pix)
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    labels = [f"level {row + 1}\nvolume {idx}"
+              for row, idx in enumerate(_lineage(list(output.levels), sample))]
+    pix = "de-normalised per token" if norm_pix else "raw voxels"
+    return _rgb(_reconstruction_figure(
+        volumes, labels, f"MiM reconstruction, sample {sample} ({pix}; central slices)"))
 
 
 def save_reconstruction_png(output: Any, path: str | PathLike, *, patch_size: int,
@@ -299,5 +305,31 @@ def save_reconstruction_png(output: Any, path: str | PathLike, *, patch_size: in
 
     picture = reconstruction_picture(output, patch_size=patch_size, norm_pix=norm_pix,
                                      sample=sample)
+    imsave(path, picture, format="png")
+    return picture
+
+
+def save_inpainting_png(targets: Sequence[Tensor], inputs: Sequence[Tensor],
+                        reconstructions: Sequence[Tensor], path: str | PathLike, *,
+                        sample: int = 0) -> np.ndarray:
+    """Swin-UNETR SSL picture: per view, the rotated view | its cut-out input | the inpainting.
+
+    Args:
+        targets, inputs, reconstructions: one ``(B, C, D, H, W)`` tensor per view.
+        path: PNG to write.
+        sample: batch sample drawn.
+
+    Returns:
+        The ``(H, W, 3)`` uint8 picture that was written.
+    """
+    from matplotlib.image import imsave
+
+    def vol(t: Tensor) -> np.ndarray:
+        return t[sample, 0].detach().float().clamp(0, 1).cpu().numpy()
+
+    volumes = [(vol(t), vol(i), vol(r)) for t, i, r in zip(targets, inputs, reconstructions)]
+    labels = [f"view {v + 1}" for v in range(len(volumes))]
+    picture = _rgb(_reconstruction_figure(
+        volumes, labels, f"Swin-UNETR SSL inpainting, sample {sample} (central slices)"))
     imsave(path, picture, format="png")
     return picture

@@ -56,6 +56,9 @@ def load_pretrained(run_or_ckpt: str | Path) -> tuple[MiM, PretrainConfig, Path]
         raise CheckpointError(f"{folder / 'meta.json'} holds no run config; it is not a "
                               "mim3d pre-training checkpoint")
     cfg = config_from_dict("pretrain", meta["config"])
+    if cfg.method != "mim":
+        raise CheckpointError(f"{folder} is a {cfg.method} run, not MiM: mim3d visualize draws "
+                              "MiM levels; the run's own pictures are in its pictures/ folder")
     model = build_mim(cfg)
     load_checkpoint(folder, model=model, restore_rng=False)
     return model.eval(), cfg, folder

@@ -1,4 +1,4 @@
-"""``mim3d pretrain``: a MiM pre-training run, single process or under torchrun (DDP).
+"""``mim3d pretrain``: a pre-training run (MiM or a baseline), single process or under torchrun.
 
 A run folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``tensorboard/``,
 ``ckpt_<step>/`` checkpoints, ``pictures/`` and, when raw images were given, ``store/``.
@@ -44,12 +44,13 @@ from mim3d.engine.optim import param_groups, set_lr, warmup_cosine
 from mim3d.engine.train import (
     NonFiniteLossError,
     StepResult,
+    SwinSSLStep,
     make_scaler,
     resolve_precision,
     train_step,
 )
 from mim3d.masking import LevelGeometry
-from mim3d.models.registry import build_mim, geometry_from_config
+from mim3d.models.registry import build_pretrain_model, geometry_from_config
 
 CONFIG_FILE = "config.yaml"
 
@@ -144,7 +145,7 @@ class _Run:
         self.cfg, self.run_dir, self.info, self.geometry = cfg, run_dir, info, geometry
         self.dataset = dataset
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.model = build_mim(cfg).to(info.device)
+        self.model = build_pretrain_model(cfg).to(info.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay),
                                            lr=cfg.optim.lr, betas=cfg.optim.betas)
         self.scaler = make_scaler(info.device, cfg.optim.precision)
@@ -194,14 +195,18 @@ class _Run:
 
     def picture(self, output: Any) -> None:
         """Input / masked / reconstruction of every level, as PNG and in TensorBoard."""
-        from mim3d.viz import save_reconstruction_png
+        from mim3d.viz import save_inpainting_png, save_reconstruction_png
 
         if not self.info.is_main:
             return
         path = self.run_dir / "pictures" / f"recon_{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        img = save_reconstruction_png(output, path, patch_size=self.cfg.geometry.patch_size,
-                                      norm_pix=self.cfg.loss.norm_pix)
+        if isinstance(output, SwinSSLStep):
+            img = save_inpainting_png(output.views.targets, output.views.inputs,
+                                      output.reconstructions, path)
+        else:
+            img = save_reconstruction_png(output, path, patch_size=self.cfg.geometry.patch_size,
+                                          norm_pix=self.cfg.loss.norm_pix)
         self.monitor.image(self.step, "pretrain/reconstruction", img)
         self.pictures.append(path)
 
@@ -226,7 +231,7 @@ def _batches(dataset: PretrainCropDataset, cfg: PretrainConfig, info: D.DistInfo
 def pretrain(cfg: PretrainConfig, *, data: str | Path, out: str | Path,
              max_steps: int | None = None, resume: bool = False,
              progress: bool = True) -> PretrainResult:
-    """Pre-train MiM.
+    """Pre-train MiM or a baseline (``cfg.method``, ``cfg.model.encoder``, levels).
 
     Args:
         cfg: the resolved config (ignored in favour of the saved one when resuming).

@@ -1,4 +1,10 @@
-"""One MiM optimizer step (MAE's ``train_one_epoch`` reduced to the step that matters)."""
+"""One pre-training optimizer step (MAE's ``train_one_epoch`` reduced to the step that matters).
+
+The step serves every method of :class:`~mim3d.config.PretrainConfig`: MiM and its single-level
+baselines (masks from :func:`~mim3d.masking.sample_levels`) and Swin-UNETR's SSL (two rotated,
+cut-out views from :func:`~mim3d.models.swinssl.make_two_views`). Each micro-batch's random draws
+come from :func:`step_generator`, so a resumed run redraws exactly what it would have drawn.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,10 @@ from mim3d.config import PretrainConfig
 from mim3d.losses import level_weights, mim_loss
 from mim3d.masking import LevelGeometry, LevelMasks, sample_levels
 from mim3d.models.mim import MiMOutput
+from mim3d.models.swinssl import SwinSSLOutput, SwinSSLViews, make_two_views, swin_ssl_loss
+
+#: The axial plane of a RAS crop (B, C, x, y, z): Swin-UNETR's SSL rotates about the z axis.
+AXIAL_PLANE = (2, 3)
 
 
 class NonFiniteLossError(RuntimeError, ValueError):
@@ -26,12 +36,25 @@ class NonFiniteLossError(RuntimeError, ValueError):
 
 
 @dataclass
+class SwinSSLStep:
+    """What one Swin-UNETR SSL micro-batch saw and produced (for the pictures).
+
+    Attributes:
+        views: the two augmented views and their targets.
+        reconstructions: (B, C, D, H, W) inpainting of each view.
+    """
+
+    views: SwinSSLViews
+    reconstructions: tuple[Tensor, Tensor]
+
+
+@dataclass
 class StepResult:
     """Scalars of one optimizer step (averaged over micro-batches) and the last model output."""
 
     losses: dict[str, float]
     grad_norm: float
-    output: MiMOutput
+    output: MiMOutput | SwinSSLStep
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -108,13 +131,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     """Forward, backward and update for one optimizer step over ``accum_steps`` micro-batches.
 
     Args:
-        model: the (possibly DDP-wrapped) :class:`~mim3d.models.mim.MiM`.
+        model: the (possibly DDP-wrapped) :class:`~mim3d.models.mim.MiM` or ``SwinSSL``.
         optimizer: its optimizer (learning rate already set for this step).
         micro_batches: yields (B, C, *S1) level-1 crops.
         cfg: the run config.
         geometry: the validated level geometry.
-        step: index of this optimizer step (0-based); seeds the masks.
-        rank: this process's rank; seeds the masks.
+        step: index of this optimizer step (0-based); seeds the masks / views.
+        rank: this process's rank; seeds the masks / views.
         device: where the model lives.
         scaler: a GradScaler for fp16, else None.
 
@@ -130,13 +153,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     output = None
     for micro in range(accum):
         x = next(micro_batches).to(device, non_blocking=True)
-        masks = _to_device(sample_levels(x.shape[0], geometry,
-                                         step_generator(cfg.train.seed, step, micro, rank),
-                                         source=cfg.geometry.source), device)
+        generator = step_generator(cfg.train.seed, step, micro, rank)
         with _no_sync(model, micro == accum - 1):
-            with autocast_context(device, cfg.optim.precision):
-                output = model(x, masks)
-                losses = compute_losses(output, cfg, step)
+            if cfg.method == "swinssl":
+                losses, output = _swinssl_forward(model, x, generator, cfg, device)
+            else:
+                losses, output = _mim_forward(model, x, generator, cfg, geometry, step, device)
             loss = losses["loss"]
             if not _all_finite(loss):
                 where = " (on this or another rank)" if _distributed() else ""
@@ -146,6 +168,33 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
             totals[k] = totals.get(k, 0.0) + float(v.detach()) / accum
     grad_norm = clip_and_step(model, optimizer, cfg.optim.grad_clip, scaler, step)
     return StepResult(losses=totals, grad_norm=grad_norm, output=output)
+
+
+def _mim_forward(model: nn.Module, x: Tensor, generator: torch.Generator, cfg: PretrainConfig,
+                 geometry: Sequence[LevelGeometry], step: int,
+                 device: torch.device) -> tuple[dict[str, Tensor], MiMOutput]:
+    """Masks for every level, the MiM forward and its loss terms."""
+    masks = _to_device(sample_levels(x.shape[0], geometry, generator,
+                                     source=cfg.geometry.source), device)
+    with autocast_context(device, cfg.optim.precision):
+        output = model(x, masks)
+        return compute_losses(output, cfg, step), output
+
+
+def _swinssl_forward(model: nn.Module, x: Tensor, generator: torch.Generator,
+                     cfg: PretrainConfig, device: torch.device,
+                     ) -> tuple[dict[str, Tensor], SwinSSLStep]:
+    """Two views, one forward over both (one graph, so DDP sees each weight used once) and the
+    rotation + contrastive + inpainting loss."""
+    views = make_two_views(x, generator, plane=AXIAL_PLANE)
+    b = x.shape[0]
+    with autocast_context(device, cfg.optim.precision):
+        out = model(torch.cat(views.inputs))
+        first, second = (SwinSSLOutput(out.rotation[s], out.contrastive[s], out.reconstruction[s])
+                         for s in (slice(0, b), slice(b, 2 * b)))
+        losses = swin_ssl_loss(first, second, *views.rotations, *views.targets,
+                               temperature=cfg.loss.temperature)
+    return losses, SwinSSLStep(views, (first.reconstruction, second.reconstruction))
 
 
 def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float,

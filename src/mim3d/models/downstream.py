@@ -4,7 +4,7 @@ pre-trained encoders, plus the MONAI baselines.
 * :class:`MiMUNETR` - the hybrid encoder run on all tokens with a SwinUNETR-style CNN decoder.
 * :func:`build_unetr` / :func:`vit_state_to_unetr` - MONAI ``UNETR`` hosting a mim3d
   :class:`~mim3d.models.vit.ViTEncoder` (the "MiM + UNETR" row of Table V).
-* :func:`build_swinunetr` - MONAI ``SwinUNETR`` from scratch (supervised baseline).
+* :func:`build_swinunetr` - MONAI ``SwinUNETR`` (from scratch, or with a Swin-UNETR SSL encoder).
 * :class:`MiMClassifier` - hybrid encoder, global average pool, MLP head.
 * :func:`build_downstream` - any of them at the encoder size of a pretrain preset, so an encoder
   pre-trained with preset ``X`` loads key- and shape-identically into the network of size ``X``
@@ -25,13 +25,15 @@ from torch import Tensor, nn
 from mim3d.config import load_config, preset_names
 from mim3d.models.hybrid import HybridEncoder
 from mim3d.models.layers import sincos_pos_embed_3d
+from mim3d.models.swinssl import swin_feature_size
 
 __all__ = ["ENCODER_PREFIX", "NETWORKS", "MiMClassifier", "MiMUNETR", "build_downstream",
            "build_swinunetr", "build_unetr", "vit_state_to_unetr"]
 
 NETWORKS = ("mim-unetr", "unetr", "swinunetr", "classifier")
 # Where the pre-trained encoder lives in each network: load its state dict under this prefix.
-ENCODER_PREFIX = {"mim-unetr": "encoder", "classifier": "encoder", "unetr": "vit"}
+ENCODER_PREFIX = {"mim-unetr": "encoder", "classifier": "encoder", "unetr": "vit",
+                  "swinunetr": "swinViT"}
 
 
 def _check_roi(roi: Sequence[int], multiple: int, what: str) -> tuple[int, int, int]:
@@ -255,7 +257,8 @@ def build_swinunetr(*, in_channels: int, out_channels: int, feature_size: int = 
                     depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                     drop_path_rate: float = 0.0, use_checkpoint: bool = False,
                     use_v2: bool = False) -> SwinUNETR:
-    """MONAI ``SwinUNETR`` from scratch (MONAI 1.6 takes no ``img_size``).
+    """MONAI ``SwinUNETR`` (MONAI 1.6 takes no ``img_size``); its ``swinViT`` takes a
+    ``swin-ssl`` pre-trained encoder.
 
     Inputs must have every side divisible by 32 (patch 2, then four 2x merges) and more than
     one voxel at R/32 (the instance norm of its bottleneck fails on a single voxel), e.g. not
@@ -328,7 +331,7 @@ def build_downstream(*, network: str, size: str, in_channels: int, out_channels:
     Sizes come from ``load_config("pretrain", size).model`` and its ``geometry.patch_size``:
     ``mim-unetr`` / ``classifier`` use the hybrid encoder (decoder width fs = dims[0]: 48 for
     base), ``unetr`` the ViT (``vit_dim``, ``vit_depth``, ``num_heads``, ``mlp_ratio``), and
-    ``swinunetr`` (from scratch) the smallest multiple of 12 >= dims[0] as feature size.
+    ``swinunetr`` the smallest multiple of 12 >= dims[0] as feature size (as ``swin-ssl``).
 
     Args:
         network: one of :data:`NETWORKS`.
@@ -355,7 +358,7 @@ def build_downstream(*, network: str, size: str, in_channels: int, out_channels:
             raise ValueError("roi (32, 32, 32) leaves SwinUNETR a single bottleneck voxel, "
                              "on which instance norm fails; use a larger roi")
         return build_swinunetr(in_channels=in_channels, out_channels=out_channels,
-                               feature_size=12 * math.ceil(m.dims[0] / 12),
+                               feature_size=swin_feature_size(m.dims[0]),
                                use_checkpoint=grad_checkpointing)
     if network == "unetr":
         return build_unetr(in_channels=in_channels, out_channels=out_channels, roi=roi,

@@ -8,6 +8,7 @@ from mim3d.config import GeometryConfig, ModelConfig, PretrainConfig
 from mim3d.masking import LevelGeometry, build_geometry
 from mim3d.models.hybrid import HybridEncoder
 from mim3d.models.mim import MiM
+from mim3d.models.swinssl import SwinSSL, swin_encoder, swin_feature_size
 from mim3d.models.vit import ViTEncoder
 
 
@@ -52,3 +53,24 @@ def build_mim(cfg: PretrainConfig) -> MiM:
                decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
                decoder_heads=m.decoder_heads, mlp_ratio=m.mlp_ratio, proj_dim=m.proj_dim,
                align=uses_alignment(cfg), stop_grad=cfg.loss.stop_grad)
+
+
+def build_swinssl(cfg: PretrainConfig) -> SwinSSL:
+    """Swin-UNETR's SSL model of a ``method: swinssl`` config (Swin width from ``dims[0]``)."""
+    return SwinSSL(in_channels=cfg.model.in_channels, img_size=cfg.geometry.input_size,
+                   feature_size=swin_feature_size(cfg.model.dims[0]))
+
+
+def build_pretrain_model(cfg: PretrainConfig) -> nn.Module:
+    """The model a pre-training run trains: :class:`MiM`, or :class:`SwinSSL` for ``swinssl``."""
+    return build_swinssl(cfg) if cfg.method == "swinssl" else build_mim(cfg)
+
+
+def transferable_encoder(cfg: PretrainConfig) -> tuple[str, nn.Module]:
+    """``(prefix, module)``: the part of the pre-training model that ``mim3d export`` writes,
+    freshly built (the hybrid/ViT ``encoder`` of MiM, or the ``swinViT`` of SwinSSL)."""
+    if cfg.method == "swinssl":
+        return "swinViT", swin_encoder(in_channels=cfg.model.in_channels,
+                                       feature_size=swin_feature_size(cfg.model.dims[0]))
+    return "encoder", build_encoder(cfg.model, input_size=cfg.geometry.input_size,
+                                    patch_size=cfg.geometry.patch_size)

@@ -38,10 +38,42 @@ __all__ = [
     "cutout_mask",
     "make_two_views",
     "nt_xent",
+    "swin_encoder",
+    "swin_feature_size",
     "swin_ssl_loss",
 ]
 
 _DOWNSCALE = 32  # patch 2 x four 2x merges: the bottleneck is input / 32
+
+
+def swin_feature_size(width: int) -> int:
+    """The Swin embedding width of a model size: ``width`` (the hybrid encoder's first stage,
+    ``model.dims[0]``) rounded up to a multiple of 12, as SwinUNETR requires (48 -> 48, 16 -> 24).
+    Pre-training and the downstream SwinUNETR both use it, so their encoders match."""
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    return 12 * -(-int(width) // 12)
+
+
+def swin_encoder(*, in_channels: int = 1, feature_size: int = 48) -> SwinTransformer:
+    """MONAI's ``SwinTransformer`` exactly as ``SwinUNETR`` builds it (its ``swinViT``).
+
+    Args:
+        in_channels: image channels.
+        feature_size: embedding width, a positive multiple of 12.
+
+    Returns:
+        The encoder; ``forward(x, normalize=True)`` gives five feature maps, the last at /32.
+    """
+    if feature_size < 12 or feature_size % 12:
+        raise ValueError(f"feature_size must be a positive multiple of 12, got {feature_size}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    return SwinTransformer(
+        in_chans=in_channels, embed_dim=feature_size, window_size=(7, 7, 7),
+        patch_size=(2, 2, 2), depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), mlp_ratio=4.0,
+        qkv_bias=True, norm_layer=nn.LayerNorm, patch_norm=False, spatial_dims=3,
+        downsample="merging")
 
 
 @dataclass
@@ -110,11 +142,7 @@ class SwinSSL(nn.Module):
         self.in_channels = in_channels
         self.img_size = tuple(int(s) for s in img_size)
         self.head_pool = head_pool
-        self.swinViT = SwinTransformer(
-            in_chans=in_channels, embed_dim=feature_size, window_size=(7, 7, 7),
-            patch_size=(2, 2, 2), depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24), mlp_ratio=4.0,
-            qkv_bias=True, norm_layer=nn.LayerNorm, patch_norm=False, spatial_dims=3,
-            downsample="merging")
+        self.swinViT = swin_encoder(in_channels=in_channels, feature_size=feature_size)
         dim = feature_size * 16
         self.rotation_head = nn.Linear(dim, rotation_classes)
         self.contrastive_head = nn.Linear(dim, contrastive_dim)
