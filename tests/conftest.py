@@ -8,6 +8,15 @@ import pytest
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
+#: ``--set`` overrides that shrink the ``tiny`` preset to ~0.5 M parameters for engine tests.
+SHRINK = [
+    "model.depths=[1,1,1,1]", "model.dims=[8,16,32,64]", "model.num_heads=2",
+    "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2",
+    "model.proj_dim=32", "optim.batch_size=1", "train.workers=0", "train.deterministic=true",
+    "optim.total_steps=40", "optim.warmup_steps=4", "train.log_every=1",
+    "train.image_every=1000", "train.ckpt_every=1000",
+]  # fmt: skip
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -14,18 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import SHRINK
 from safetensors.torch import load_file
 
 from mim3d.engine import dist as mdist
-
-SHRINK = [
-    "model.depths=[1,1,1,1]", "model.dims=[8,16,32,64]", "model.num_heads=2",
-    "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2",
-    "model.proj_dim=32", "optim.batch_size=1", "train.workers=0", "train.deterministic=true",
-    "optim.total_steps=40", "optim.warmup_steps=4", "train.log_every=1",
-    "train.image_every=1000", "train.ckpt_every=1000",
-]  # fmt: skip
-
 
 # ----------------------------------------------------------------------------- helpers, world of 2
 
