@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +247,15 @@ def test_single_process_defaults(monkeypatch) -> None:
     mdist.seed_everything(9)
     assert torch.equal(a, torch.rand(2))
 
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: its half-written save is garbage
+    (tmp_path / f"ckpt_00000001.tmp-{dead.pid}").mkdir()
+    (tmp_path / f"latest.tmp-{dead.pid}").write_text("ckpt_00000001\n")
+    live = tmp_path / f"ckpt_00000002.tmp-{os.getppid()}"  # a running writer: left alone
+    live.mkdir()
+    save_checkpoint(tmp_path, step=3, model=nn.Linear(2, 2))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["ckpt_00000003", live.name, "latest"])

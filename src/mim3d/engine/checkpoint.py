@@ -46,6 +46,7 @@ LATEST_FILE = "latest"
 FORMAT_VERSION = 1
 _FILES = (MODEL_FILE, STATE_FILE, META_FILE)
 _NAME_RE = re.compile(r"ckpt_(\d{8,})")
+_TMP_RE = re.compile(r"(?:ckpt_\d{8,}|latest)\.tmp-(\d+)")  # a save in progress, or left by a kill
 
 
 class CheckpointError(ValueError):
@@ -170,6 +171,32 @@ def _list_checkpoints(run_dir: Path, complete_only: bool) -> list[tuple[int, Pat
     return sorted(found)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(run_dir: Path) -> None:
+    """Delete ``*.tmp-<pid>`` leftovers of a process killed mid-save (SIGKILL, OOM killer).
+
+    Only folders/files whose writer is no longer running are touched, so a save in flight in
+    another process is never disturbed.
+    """
+    for entry in run_dir.iterdir():
+        match = _TMP_RE.fullmatch(entry.name)
+        if not match or int(match.group(1)) == os.getpid() or _pid_alive(int(match.group(1))):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def _prune(run_dir: Path, keep_last: int, keep: Path) -> None:
     folders = [path for _, path in _list_checkpoints(run_dir, complete_only=False)]
     for path in folders[:-keep_last]:
@@ -238,6 +265,7 @@ def save_checkpoint(
     json.dumps(meta, default=str)  # fail before touching the disk
     run_dir = Path(run_dir)
     final = _write_atomically(run_dir, checkpoint_name(step), weights, state, meta)
+    _remove_stale_temps(run_dir)
     if keep_last is not None:
         _prune(run_dir, keep_last, keep=final)
     return final
