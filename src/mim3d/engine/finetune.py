@@ -306,7 +306,7 @@ def _prepare(cfg: FinetuneConfig, out: Path, data: str | Path, opts: dict[str, A
               f"--resume: no checkpoint in {out} yet; starting from step 0")
     _write_run_files(out, cfg, spec, splits, fresh=saved is None)
     truncate_metrics(out, run.step)  # steps after the checkpoint are redone
-    run.monitor = RunMonitor(out, purge_step=run.step)
+    run.monitor = RunMonitor(out, purge_step=run.step, tag="finetune")
     return run
 
 

@@ -50,12 +50,14 @@ class RunMonitor:
         tensorboard: also write TensorBoard events.
         purge_step: the step a resumed run restarts from; TensorBoard then hides the events a
             killed run had logged after it, so the curves show no doubled stretch.
+        tag: TensorBoard scalar group (``pretrain``, ``finetune``).
     """
 
     def __init__(self, run_dir: Path, *, enabled: bool = True, tensorboard: bool = True,
-                 purge_step: int | None = None) -> None:
+                 purge_step: int | None = None, tag: str = "pretrain") -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
+        self.tag = tag
         self._writer: Any = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -75,7 +77,7 @@ class RunMonitor:
             fh.write(json.dumps(record) + "\n")
         if self._writer is not None:
             for k, v in scalars.items():
-                self._writer.add_scalar(f"pretrain/{k}", float(v), int(step))
+                self._writer.add_scalar(f"{self.tag}/{k}", float(v), int(step))
 
     def image(self, step: int, tag: str, picture: np.ndarray) -> None:
         """Add an (H, W, 3) uint8 picture to TensorBoard."""
