@@ -1,20 +1,29 @@
 """Pre-training cost per 96^3 volume and per level-1 sample: MiM vs full-token and baseline SSL.
 
-Cases, all at batch 1 on the same seeded 96^3 input (one training step = forward + loss +
-backward, gradients reset; no optimizer update):
+Cases, all at batch 1 on the same seeded 96^3 input (CUDA: also at ``--batch``, 8), one training
+step = forward + loss + backward, gradients reset; no optimizer update:
 
 * ``mim_base``  the real MiM module of the ``base`` preset (``build_mim``) on one level-2-style
   volume: 60% of the tokens masked per token (86 of 216 visible, the level-2 mask of
   ``sample_levels``), encoder on visible tokens, decoder, both projection heads.
 * ``hybrid_all`` the same encoder on all 216 tokens (``ids_keep=None``) + the same decoder/heads.
-* ``mae3d``     ViTEncoder ViT-B/16 (768, 12 blocks, 12 heads) on the 25% visible tokens (MAE3D's
-  75% masking) + an MAE decoder (512 wide, 8 blocks, 16 heads, MAE's default), norm-pix MSE.
-* ``swinssl``   Swin-UNETR's SSL model (:class:`mim3d.models.swinssl.SwinSSL`) on TWO augmented
-  views per sample, all tokens, rotation + contrastive + inpainting loss.
+* ``mae3d``, ``hybrid_mae``  the project's single-level baselines as trained (presets ``mae3d``:
+  ViT-B/16 encoder, ``hybrid-mae``: MiM's hybrid encoder, both 60% masked, MiM's decoder, no
+  heads): the real ``MiM.forward`` + training loss (``compute_losses``) of one 96^3 crop.
+  (``results/efficiency.json`` predates these presets: its ``mae3d`` is ViT-B at 75% masking
+  with a 512-wide MAE decoder, and it has no ``hybrid_mae``.)
+* ``swinssl``   Swin-UNETR's SSL model (:class:`mim3d.models.swinssl.SwinSSL`, sizes of the
+  ``swin-ssl`` preset) on TWO augmented views per sample, all tokens, rotation + contrastive +
+  inpainting loss.
+* ``mim_sample`` (``--quick`` and CUDA only) the real ``MiM.forward`` + loss of the ``base``
+  preset on one level-1 crop: all 21 volumes in one graph.
 
 Per level-1 training sample: MiM runs 21 volumes (1 + 4 + 16; its forward FLOPs are counted on
-the real ``MiM.forward`` of one 192^3 crop, its time is 21 x the per-volume step, because a full
-sample's graph, ~1 GB per volume, does not fit a small CPU box), SwinSSL 2 views, MAE3D 1.
+the real ``MiM.forward`` of one 192^3 crop, its time and memory come from ``mim_sample`` where it
+ran, else its time is 21 x the per-volume step, because a full sample's graph, ~1 GB per volume,
+does not fit a small CPU box), SwinSSL 2 views, the MAEs 1. ``summary.table_xi`` (and the
+``RESULT table_xi_*`` lines) holds per method (mim, hybrid_mae, mae3d, swinssl) GFLOPs per 96^3
+volume/view and per sample, step time and peak memory per sample at each batch measured.
 Ratios: ``flops_ratio_mim_vs_swinssl`` = MiM forward GFLOPs per 96^3 volume / SwinSSL forward
 GFLOPs per 96^3 view; ``*_per_sample`` use the per-sample figures; ``time_ratio_mim_vs_swinssl``
 = MiM step time per volume / SwinSSL step time per view (half its two-view step).
@@ -31,10 +40,11 @@ equivalent of preloading jemalloc/tcmalloc); ``glibc-malloc`` runs show what tha
 ``torch.mm`` FLOP/s seen in the run at the same thread count (best of 6 in the parent before and
 after, and in each worker before its timed steps), best over the fp32 MiM variants. Each run also
 records ``foreign_cpu_share``: the share of the CPUs *other* processes used while it was timed.
+CUDA (bf16 autocast; results/efficiency_cuda.json): the share is of the best bf16 8192^3 GEMM.
 
     PYTHONPATH=src .venv/bin/python benchmarks/efficiency.py                 # CPU, ~5 min idle
     PYTHONPATH=src .venv/bin/python benchmarks/efficiency.py --quick         # CI smoke, ~1 min
-    PYTHONPATH=src .venv/bin/python benchmarks/efficiency.py --device cuda   # GPU, bf16 autocast
+    PYTHONPATH=src .venv/bin/python benchmarks/efficiency.py --device cuda   # GPU, bf16, b1 + b8
 """
 
 from __future__ import annotations
@@ -60,20 +70,31 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mim3d.config import load_config
 from mim3d.losses import reconstruction_loss
-from mim3d.masking import mask_indices, patchify, sample_levels, unit_mask
-from mim3d.models.decoder import MaskedDecoder
+from mim3d.masking import LevelMasks, patchify, sample_levels
 from mim3d.models.mim import unit_means
 from mim3d.models.registry import build_mim, geometry_from_config
 from mim3d.models.swinssl import SwinSSL, make_two_views, swin_ssl_loss
-from mim3d.models.vit import ViTEncoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# per mode: MiM preset, ViT/MAE-decoder sizes, SwinSSL input and width, timed steps per case
-FULL = {"preset": "base", "vit": (768, 12, 12), "mae_dec": (512, 8, 16), "swin": ((96,) * 3, 48),
-        "iters": {"mim_base": 4, "hybrid_all": 3, "mae3d": 4, "swinssl": 2, "variant": 3}}
-QUICK = {"preset": "tiny", "vit": (128, 2, 4), "mae_dec": (64, 1, 4), "swin": ((64, 32, 32), 12),
-         "iters": {"mim_base": 1, "hybrid_all": 1, "mae3d": 1, "swinssl": 1, "variant": 1}}
-CASES = ("mim_base", "hybrid_all", "mae3d", "swinssl")
+# per mode: MiM preset, (preset, overrides) of the cases built from a config, SwinSSL input and
+# width, timed steps per case
+ONE_LEVEL = ("geometry.crop_sizes=[[32,32,32]]", "geometry.mask_ratios=[0.6]",
+             "geometry.gammas=[]", "loss.alignment=none")  # tiny's single-level baselines
+FULL = {"preset": "base", "swin": ((96,) * 3, 48),
+        "configs": {"hybrid_mae": ("hybrid-mae", ()), "mae3d": ("mae3d", ()),
+                    "mim_sample": ("base", ())},
+        "iters": {"mim_base": 4, "hybrid_all": 3, "mae3d": 4, "swinssl": 2, "hybrid_mae": 4,
+                  "mim_sample": 2, "variant": 3}}
+QUICK = {"preset": "tiny", "swin": ((64, 32, 32), 12),
+         "configs": {"hybrid_mae": ("tiny", ONE_LEVEL),
+                     "mae3d": ("tiny", (*ONE_LEVEL, "model.encoder=vit")),
+                     "mim_sample": ("tiny", ())},
+         "iters": dict.fromkeys(("mim_base", "hybrid_all", "mae3d", "swinssl", "hybrid_mae",
+                                 "mim_sample", "variant"), 1)}
+CASES = ("mim_base", "hybrid_all", "mae3d", "swinssl", "hybrid_mae")  # each run first at batch 1
+# Table XI: method -> (case measured per 96^3 volume, case measured per level-1 sample)
+METHODS = {"mim": ("mim_base", "mim_sample"), "hybrid_mae": ("hybrid_mae", "hybrid_mae"),
+           "mae3d": ("mae3d", "mae3d"), "swinssl": ("swinssl", "swinssl")}
 # glibc malloc returns every large block (mmap) to the OS on free, so each step page-faults its
 # activations in again (high sys time). Never mmap, never trim: freed memory is reused instead.
 # The glibc-malloc runs measure what it is worth (mostly SwinSSL's big attention buffers).
@@ -93,12 +114,13 @@ class Case:
     note: str
 
 
-def _hybrid_groups() -> tuple[dict[str, list[str]], dict[str, tuple[str, list[str]]]]:
-    e = "HybridEncoder"
+def _hybrid_groups(e: str = "HybridEncoder", dec: str = "MaskedDecoder",
+                   heads: tuple[str, ...] = ("ProjectionHead",),
+                   ) -> tuple[dict[str, list[str]], dict[str, tuple[str, list[str]]]]:
+    """FlopCounterMode keys of the hybrid encoder's parts (module keys as called: ``e``...)."""
     groups = {"conv_stages_1_3": [f"{e}.downsamples.{i}" for i in range(3)] + [f"{e}.conv_stages"],
               "token_embed": [f"{e}.downsamples.3", f"{e}.token_proj"],
-              "transformer": [f"{e}.blocks"], "decoder": ["MaskedDecoder"],
-              "heads": ["ProjectionHead"]}
+              "transformer": [f"{e}.blocks"], "decoder": [dec], "heads": list(heads)}
     # fusion runs patch_linear on the fusion convs' weights inside HybridEncoder._encode
     return groups, {"fusion_and_norm": (e, ["conv_stages_1_3", "token_embed", "transformer"])}
 
@@ -133,29 +155,38 @@ def _mim_case(mode: dict, batch: int, dev: torch.device, all_tokens: bool) -> Ca
                 sum(q.numel() for q in mim.encoder.parameters()), note)
 
 
-def _mae_case(mode: dict, batch: int, dev: torch.device) -> Case:
-    cfg = load_config("pretrain", mode["preset"])
-    size, p = cfg.geometry.input_size, cfg.geometry.patch_size
-    dim, depth, heads = mode["vit"]
-    ddim, ddepth, dheads = mode["mae_dec"]
-    enc = ViTEncoder(input_size=size, patch_size=p, dim=dim, depth=depth, num_heads=heads)
-    dec = MaskedDecoder(encoder_dim=dim, dim=ddim, depth=ddepth, num_heads=dheads,
-                        grid=enc.grid, out_dim=p**3)
-    model = nn.ModuleDict({"encoder": enc, "decoder": dec}).to(dev)
-    n = enc.num_tokens
-    mask = unit_mask(batch, n, round(0.75 * n), torch.Generator().manual_seed(0))
-    keep, _, restore = (t.to(dev) for t in mask_indices(mask))
-    mask = mask.to(dev)
-    x = torch.rand(batch, 1, *size, generator=torch.Generator().manual_seed(1)).to(dev)
+def _masks_to(m: LevelMasks, dev: torch.device) -> LevelMasks:
+    return dataclasses.replace(m, **{f.name: getattr(m, f.name).to(dev)
+                                     for f in dataclasses.fields(m) if f.name != "level"})
+
+
+def _preset_case(mode: dict, name: str, batch: int, dev: torch.device) -> Case:
+    """The real ``MiM.forward`` + training loss of a config on ``batch`` level-1 crops."""
+    from mim3d.engine.train import compute_losses  # the loss exactly as training computes it
+
+    preset, overrides = mode["configs"][name]
+    cfg = load_config("pretrain", preset, overrides=list(overrides))
+    mim = build_mim(cfg).to(dev)
+    levels = sample_levels(batch, geometry_from_config(cfg.geometry),
+                           torch.Generator().manual_seed(0))
+    masks = [_masks_to(m, dev) for m in levels]
+    x1 = torch.rand(batch, 1, *cfg.geometry.crop_sizes[0],
+                    generator=torch.Generator().manual_seed(1)).to(dev)
 
     def step_loss() -> Tensor:
-        return reconstruction_loss(dec(enc(x, keep), restore).pred, patchify(x, p), mask)
+        return compute_losses(mim(x1, masks), cfg, 0)["loss"]
 
-    groups = {"patch_embed": ["ViTEncoder.patch_embedding"], "transformer": ["ViTEncoder.blocks"],
-              "decoder": ["MaskedDecoder"]}
-    note = (f"ViT dim {dim} depth {depth} heads {heads}, {keep.shape[1]}/{n} visible (75% "
-            f"masked); MAE decoder dim {ddim} depth {ddepth} heads {dheads}")
-    return Case(model, step_loss, 1, groups, {}, sum(q.numel() for q in enc.parameters()), note)
+    if cfg.model.encoder == "vit":
+        groups, rest = {"patch_embed": ["MiM.encoder.patch_embedding"],
+                        "transformer": ["MiM.encoder.blocks"], "decoder": ["MiM.decoder"]}, {}
+    else:
+        groups, rest = _hybrid_groups("MiM.encoder", "MiM.decoder",
+                                      ("MiM.child_head", "MiM.parent_head"))
+    vis = [f"{int((~m.mask[0]).sum())}/{m.mask.shape[1]}" for m in levels]
+    note = (f"preset {preset} {' '.join(overrides)}: real MiM.forward + loss, volumes per crop "
+            f"{[m.mask.shape[0] // batch for m in levels]}, visible tokens per level {vis}")
+    return Case(mim, step_loss, sum(m.mask.shape[0] for m in levels) // batch, groups, rest,
+                sum(q.numel() for q in mim.encoder.parameters()), note)
 
 
 def _swin_case(mode: dict, batch: int, dev: torch.device) -> Case:
@@ -183,7 +214,8 @@ def _swin_case(mode: dict, batch: int, dev: torch.device) -> Case:
 def _build(name: str, mode: dict, batch: int, dev: torch.device) -> Case:
     if name in ("mim_base", "hybrid_all"):
         return _mim_case(mode, batch, dev, all_tokens=name == "hybrid_all")
-    return _mae_case(mode, batch, dev) if name == "mae3d" else _swin_case(mode, batch, dev)
+    return _swin_case(mode, batch, dev) if name == "swinssl" else _preset_case(mode, name, batch,
+                                                                                dev)
 
 
 def _under(flat: dict[str, int], prefix: str) -> int:
@@ -286,17 +318,17 @@ def _timed_steps(case: Case, ctx: Callable[[], Any], dev: torch.device,
     return {"wall_s": wall, "cpu_s": cpu, "foreign_cpu_share": foreign_share(b0, _busy_s())}
 
 
-def _sample_flops(mode: dict) -> dict[str, Any]:
+def _sample_flops(mode: dict, dev: torch.device) -> dict[str, Any]:
     """Forward FLOPs of the real MiM.forward + loss for one level-1 crop (all 21 volumes)."""
     from mim3d.engine.train import compute_losses  # the loss exactly as training computes it
 
     cfg = load_config("pretrain", mode["preset"])
-    mim = build_mim(cfg)
+    mim = build_mim(cfg).to(dev)
     geo = geometry_from_config(cfg.geometry)
     masks = sample_levels(1, geo, torch.Generator().manual_seed(0))
-    x1 = torch.rand(1, 1, *cfg.geometry.crop_sizes[0])
+    x1 = torch.rand(1, 1, *cfg.geometry.crop_sizes[0]).to(dev)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        compute_losses(mim(x1, masks), cfg, 0)
+        compute_losses(mim(x1, [_masks_to(m, dev) for m in masks]), cfg, 0)
     return {"sample_flops_fwd": fc.get_total_flops(),
             "sample_volumes": [int(m.mask.shape[0]) for m in masks],
             "sample_visible_tokens": [int((~m.mask[0]).sum()) for m in masks]}
@@ -323,15 +355,21 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         _timed_steps(case, ctx, dev, 1)
         out["compile_and_first_step_s"] = time.perf_counter() - t0
     out["gemm_fp32_flops_per_s"] = gemm_peak(dev)
+    if dev.type == "cuda":  # the GPU's bf16 tensor-core rate needs big products to show
+        out["gemm_bf16_flops_per_s"] = gemm_peak(dev, torch.bfloat16, n=8192)
     out.update(_timed_steps(case, ctx, dev, spec["iters"]))
     out["loadavg_after"] = os.getloadavg()
     if spec.get("sample_flops"):
-        out.update(_sample_flops(mode))
+        out.update(_sample_flops(mode, dev))
     return out
 
 
 def _variants(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The runs of one invocation: every case at batch 1, then MiM variants for the GEMM share."""
+    """The runs of one invocation: every case at batch 1, then larger batches and variants.
+
+    CUDA: every case again at ``--batch`` (8), ``mim_sample`` at 1 and 2 (42 volumes); CPU:
+    ``mim_sample`` only with ``--quick``, MiM at batch 2, bf16, glibc malloc, compile.
+    """
     mode = QUICK if args.quick else FULL
     cuda = args.device == "cuda"
     prec = "bf16" if cuda else "fp32"  # GPU runs as training does there: bf16 autocast
@@ -339,8 +377,14 @@ def _variants(args: argparse.Namespace) -> list[dict[str, Any]]:
             "precision": prec, "compile": False, "malloc": "tuned"}
     runs = [{**base, "case": c, "iters": 20 if cuda else mode["iters"][c],
              "sample_flops": c == "mim_base"} for c in CASES]
+    sample = {**base, "case": "mim_sample", "iters": 20 if cuda else mode["iters"]["mim_sample"]}
+    runs += [sample] if cuda or args.quick else []
     mim = {**base, "case": "mim_base", "iters": 20 if cuda else mode["iters"]["variant"]}
-    runs.append({**mim, "batch": 8 if cuda else 2})
+    if cuda:
+        runs += [{**r, "batch": args.batch or 8, "sample_flops": False} for r in runs[:len(CASES)]]
+        runs.append({**sample, "batch": 2})
+    else:
+        runs.append({**mim, "batch": args.batch or 2})
     if not cuda and torch.ops.mkldnn._is_mkldnn_bf16_supported():  # AVX512-BF16 / AMX
         runs.append({**mim, "precision": "bf16"})
     if not cuda:  # what the allocator setting is worth
@@ -398,23 +442,68 @@ def _derive(r: dict[str, Any]) -> dict[str, Any]:
             "gflops_fwd_bwd_per_volume": total / v / 1e9, "median_step_s": t,
             "min_step_s": min(r["wall_s"]), "median_step_cpu_s": statistics.median(r["cpu_s"]),
             "step_s_per_volume": t / v, "achieved_flops_per_s": total / t,
-            "share_of_worker_gemm": total / t / r["gemm_fp32_flops_per_s"]}
+            "share_of_worker_gemm": total / t / r.get("gemm_bf16_flops_per_s",
+                                                      r["gemm_fp32_flops_per_s"])}
 
 
-def _shares(runs: list[dict[str, Any]], gemm: float) -> dict[str, Any]:
-    """step_share of every MiM run against the best fp32 GEMM rate seen in the whole run."""
+def _shares(runs: list[dict[str, Any]], gemm: float, dtype: str) -> dict[str, Any]:
+    """step_share of every MiM run against the best ``dtype`` GEMM rate seen in the whole run."""
     mim = [r for r in runs if r["case"] == "mim_base" and "error" not in r]
     by = {r["label"]: r["achieved_flops_per_s"] / gemm for r in mim}
     fp32 = {k: v for k, v in by.items() if ",fp32" in k} or by
     best32, best = max(fp32, key=fp32.get), max(by, key=by.get)
-    return {"gemm_fp32_peak_flops_per_s": gemm, "step_share_by_config": by,
+    return {f"gemm_{dtype}_peak_flops_per_s": gemm, "step_share_by_config": by,
             "step_share_of_gemm_peak": fp32[best32], "step_share_config": best32,
             "step_share_any_precision": by[best], "step_share_any_precision_config": best}
 
 
-def _summary(runs: list[dict[str, Any]], target: float, gemm: float) -> dict[str, Any]:
+def _by_batch(runs: list[dict[str, Any]], case: str) -> dict[int, dict[str, Any]]:
+    """The good runs of ``case`` as first set up (its precision, tuned malloc, eager), by batch."""
+    ok = [r for r in runs if r["case"] == case and "error" not in r and not r["compile"]
+          and r["malloc"] == "tuned"]
+    return {r["batch"]: r for r in ok if r["precision"] == ok[0]["precision"]}
+
+
+def _method_row(runs: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    """One Table-XI row: per 96^3 volume (SwinSSL: per view) and per level-1 training sample."""
+    vol_case, sample_case = METHODS[method]
+    v = _by_batch(runs, vol_case)[1]
+    per_sample = {f"b{b}": {"gflops_fwd_per_sample": r["flops_fwd"] / b / 1e9,
+                            "step_s_per_sample": r["median_step_s"] / b,
+                            "samples_per_s": b / r["median_step_s"],
+                            "mem_step_peak_mib": r["mem_step_peak_delta_mib"]}
+                  for b, r in sorted(_by_batch(runs, sample_case).items())}
+    n = sum(v.get("sample_volumes", [])) or v["volumes_per_step"] // v["batch"]
+    source = "measured"
+    if "b1" not in per_sample:  # MiM on a CPU box: one sample's graph does not fit
+        t = n * v["step_s_per_volume"]
+        per_sample["b1"] = {"gflops_fwd_per_sample": v["sample_flops_fwd"] / 1e9,
+                            "step_s_per_sample": t, "samples_per_s": 1 / t,
+                            "mem_step_peak_mib": None}
+        source = f"estimate: {n} x the per-volume step; memory not measured"
+    return {"volume_case": vol_case, "sample_case": sample_case, "volumes_per_sample": n,
+            "gflops_fwd_per_volume": v["gflops_fwd_per_volume"],
+            "gflops_fwd_bwd_per_volume": v["gflops_fwd_bwd_per_volume"],
+            "step_s_per_volume": v["step_s_per_volume"],
+            "volume_case_mem_step_peak_mib": v["mem_step_peak_delta_mib"],
+            "params": v["params"], "encoder_params": v["encoder_params"],
+            "per_sample": per_sample, "per_sample_source": source}
+
+
+def _table(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Table XI for every method; hybrid_mae's volume is also derived from MiM's as a check."""
+    rows = {m: _method_row(runs, m) for m in METHODS}
+    mim = _by_batch(runs, "mim_base")[1]
+    rows["hybrid_mae"]["gflops_fwd_per_volume_derived"] = (
+        mim["gflops_fwd_per_volume"] - mim["breakdown_fwd_gflops"]["heads"])
+    rows["hybrid_mae"]["derived_as"] = "mim_base per volume minus its projection heads"
+    return rows
+
+
+def _summary(runs: list[dict[str, Any]], target: float, gemm: float,
+             dtype: str) -> dict[str, Any]:
     """The headline ratios (see the module docstring for their definitions)."""
-    mim, _, mae, swin = runs[:len(CASES)]  # the batch-1 runs, in CASES order
+    mim, mae, swin = (_by_batch(runs, c)[1] for c in ("mim_base", "mae3d", "swinssl"))
     n_vol = sum(mim["sample_volumes"])
     flops = {"mim_base": mim["sample_flops_fwd"] / 1e9, "swinssl": swin["flops_fwd"] / 1e9,
              "mae3d": mae["flops_fwd"] / 1e9}
@@ -430,7 +519,7 @@ def _summary(runs: list[dict[str, Any]], target: float, gemm: float) -> dict[str
         "volumes_per_sample": {"mim_base": n_vol, "swinssl": 2, "mae3d": 1},
         "gflops_fwd_per_sample": flops, "step_s_per_sample": secs,
         "mim_sample_time_method": f"{n_vol} x median per-volume step (estimate)",
-        **_shares(runs, gemm)}
+        **_shares(runs, gemm, dtype), "table_xi": _table(runs)}
 
 
 def _machine(args: argparse.Namespace) -> dict[str, Any]:
@@ -443,6 +532,23 @@ def _machine(args: argparse.Namespace) -> dict[str, Any]:
             "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
             "torch": torch.__version__, "python": platform.python_version(),
             "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
+
+
+def _table_results(table: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``table_xi_<method>_<figure>``: batch 1 per volume and per sample, larger batches."""
+    out = {}
+    for m, row in table.items():
+        one, pre = row["per_sample"]["b1"], f"table_xi_{m}_"
+        out |= {pre + "gflops_per_volume": row["gflops_fwd_per_volume"],
+                pre + "gflops_per_sample": one["gflops_fwd_per_sample"],
+                pre + "step_s_per_volume": row["step_s_per_volume"],
+                pre + "step_s_per_sample": one["step_s_per_sample"],
+                pre + "mem_mib_per_sample": one["mem_step_peak_mib"]}
+        for b, r in row["per_sample"].items():
+            if b != "b1":
+                out |= {f"{pre}samples_per_s_{b}": r["samples_per_s"],
+                        f"{pre}mem_mib_{b}": r["mem_step_peak_mib"]}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _print(summary: dict[str, Any], runs: list[dict[str, Any]]) -> None:
@@ -459,6 +565,8 @@ def _print(summary: dict[str, Any], runs: list[dict[str, Any]]) -> None:
                 "time_ratio_per_sample_mim_vs_swinssl", "step_share_of_gemm_peak",
                 "step_share_any_precision"):
         print(f"RESULT {key} {summary[key]:.4g}")
+    for key, val in _table_results(summary["table_xi"]).items():
+        print(f"RESULT {key} {val:.4g}")
     print(f"# step share: {summary['step_share_config']}; any precision: "
           f"{summary['step_share_any_precision_config']}")
 
@@ -471,6 +579,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help="torch threads in every worker (default: torch's default)")
     ap.add_argument("--try-compile", action="store_true",
                     help="also time torch.compile on MiM (minutes of compilation on 2 cores)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="the larger batch: every case on CUDA (default 8), MiM on CPU (2)")
     ap.add_argument("--target-gflops", type=float, default=47.0)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per worker")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
@@ -491,21 +601,27 @@ def main(argv: list[str] | None = None) -> int:
     t0, load0 = time.perf_counter(), os.getloadavg()
     torch.set_num_threads(args.threads)
     gemm_start = gemm_peak(torch.device(args.device))
-    runs = [_derive(_run_worker(s, args.timeout, args.wait_idle)) for s in _variants(args)]
+    runs = []
+    for spec in _variants(args):
+        runs.append(_derive(_run_worker(spec, args.timeout, args.wait_idle)))
+        print(f"# {runs[-1].get('label', spec['case'])}: {runs[-1].get('error', 'ok')}, "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     gemm_end = gemm_peak(torch.device(args.device))
     if any("error" in r for r in runs[:len(CASES)]):
         print("\n".join(f"{r['case']} ERROR {r['error']}" for r in runs if "error" in r))
         return 1
-    gemm = max([gemm_start, gemm_end] + [r["gemm_fp32_flops_per_s"] for r in runs
-                                          if "error" not in r])
-    summary = _summary(runs, args.target_gflops, gemm)
+    dtype = "bf16" if args.device == "cuda" else "fp32"  # the precision the steps ran in
+    gemm = max(([] if dtype == "bf16" else [gemm_start, gemm_end])
+               + [r[f"gemm_{dtype}_flops_per_s"] for r in runs if "error" not in r])
+    summary = _summary(runs, args.target_gflops, gemm, dtype)
     _print(summary, runs)
     result = {"command": "PYTHONPATH=src " + " ".join([sys.executable, *sys.argv]),
               "cwd": os.getcwd(), "mode": "quick" if args.quick else "full",
               "machine": _machine(args), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
               "gemm_fp32_flops_per_s_parent": [gemm_start, gemm_end],
               "wall_s": time.perf_counter() - t0, "summary": summary, "runs": runs}
-    out = args.out or (None if args.quick else RESULTS / "efficiency.json")
+    name = "efficiency_cuda.json" if args.device == "cuda" else "efficiency.json"
+    out = args.out or (None if args.quick else RESULTS / name)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
