@@ -215,8 +215,10 @@ def _run_pretrain(cfg: Any, folder: Path, steps: int, cohorts: Cohorts) -> dict[
     from mim3d.transfer import export_encoder
 
     t0 = time.perf_counter()
-    pretrain(cfg, data=cohorts.store, out=folder / "run", max_steps=steps, progress=False)
+    res = pretrain(cfg, data=cohorts.store, out=folder / "run", max_steps=steps, progress=False)
     wall = time.perf_counter() - t0
+    if res.stopped_by_signal or res.step != steps:  # never cache a run cut short
+        raise RuntimeError(f"pre-training stopped at step {res.step} of {steps}")
     encoder, _ = export_encoder(folder / "run", folder / "encoder.safetensors")
     rows = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").open()]
     rows = [r for r in rows if "loss" in r]
@@ -274,10 +276,12 @@ def _run_finetune(cfg: Any, folder: Path, network: str, size: str,
 
     run = folder / "run"
     t0 = time.perf_counter()
-    finetune(cfg, data=cohorts.train_datalist, out=run, network=network, size=size,
-             pretrained=encoder["encoder"] if encoder else None, label_fraction=fraction,
-             max_steps=steps, val_every=steps, progress=False)
+    res = finetune(cfg, data=cohorts.train_datalist, out=run, network=network, size=size,
+                   pretrained=encoder["encoder"] if encoder else None, label_fraction=fraction,
+                   max_steps=steps, val_every=steps, progress=False)
     t1 = time.perf_counter()
+    if res.stopped_by_signal or res.step != steps:  # never cache a run cut short
+        raise RuntimeError(f"fine-tuning stopped at step {res.step} of {steps}")
     report, _ = evaluate_run(run, data=cohorts.datalist, out_json=folder / "eval.json",
                              checkpoint="last", progress=False)
     t2 = time.perf_counter()

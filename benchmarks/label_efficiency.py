@@ -60,6 +60,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     help="fine-tuning steps per arm (default: the mode's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="fine-tuning seeds (default: the mode's)")
+    ap.add_argument("--fractions", type=float, nargs="+", default=None,
+                    help="label fractions in (0, 1] (default: the mode's)")
     return ap.parse_args(argv)
 
 
@@ -68,10 +70,13 @@ def resolve_mode(args: argparse.Namespace) -> Mode:
     mode = QUICK if args.quick else FULL
     changes = {k: v for k, v in (("pretrain_steps", args.pretrain_steps),
                                  ("finetune_steps", args.finetune_steps),
-                                 ("seeds", tuple(args.seeds) if args.seeds else None))
+                                 ("seeds", tuple(args.seeds) if args.seeds else None),
+                                 ("fractions", tuple(args.fractions) if args.fractions else None))
                if v is not None}
     if any(isinstance(v, int) and v < 1 for v in changes.values()):
         raise SystemExit("--pretrain-steps and --finetune-steps must be >= 1")
+    if any(not 0.0 < f <= 1.0 for f in changes.get("fractions", ())):
+        raise SystemExit(f"--fractions must lie in (0, 1], got {args.fractions}")
     return replace(mode, **changes)
 
 
