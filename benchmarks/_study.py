@@ -403,3 +403,14 @@ def write_result(path: Path, payload: dict[str, Any], watch: CpuWatch, wall_s: f
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, allow_nan=True) + "\n")
     print(f"wrote {path}")
+
+
+def finish_line(name: str, quick: bool, out: Path | None, t0: float) -> tuple[float, Path | None]:
+    """Print the ``wall_s`` RESULT line; return (wall seconds, the JSON path or None: a quick
+    run keeps its JSON only when ``--out`` is given)."""
+    wall = time.perf_counter() - t0
+    result_line("wall_s", wall)
+    if quick and out is None:
+        print("--quick: no JSON written (pass --out to keep it)")
+        return wall, None
+    return wall, out or RESULTS / f"{name}.json"

@@ -152,10 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if "baseline" not in results:
         raise SystemExit("the baseline variant failed; see the messages above")
     lines = report(results, mode)
-    wall = time.perf_counter() - t0
-    S.result_line("wall_s", wall)
-    if args.quick and args.out is None:
-        print("--quick: no JSON written (pass --out to keep it)")
+    wall, target = S.finish_line("ablations", args.quick, args.out, t0)
+    if target is None:
         return 0
     payload = {
         "benchmark": "ablations", "mode": "quick" if args.quick else "full",
@@ -168,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "cohorts": {"spec": S.asdict(mode.cohort), "key": cohorts.key,
                     "test_cases": cohorts.test_cases, "real_ct_in_pretraining": cohorts.real_ct},
         "variants": results, "table": lines, "notes": notes}
-    S.write_result(args.out or S.RESULTS / "ablations.json", payload, watch, wall)
+    S.write_result(target, payload, watch, wall)
     return 0
 
 

@@ -192,10 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = finetune_all(plan, pretrained, mode, cohorts, args.work)
     t_ft = time.perf_counter() - t0 - t_cohort - t_pre
     out = report(plan, runs, mode)
-    wall = time.perf_counter() - t0
-    S.result_line("wall_s", wall)
-    if args.quick and args.out is None:
-        print("--quick: no JSON written (pass --out to keep it)")
+    wall, target = S.finish_line("label_efficiency", args.quick, args.out, t0)
+    if target is None:
         return 0
     payload = {
         "benchmark": "label_efficiency", "mode": "quick" if args.quick else "full",
@@ -210,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "arms": plan, "pretraining": pretrained, **out,
         "phase_wall_s": {"cohorts": t_cohort, "pretraining": t_pre, "finetuning": t_ft},
         "notes": notes}
-    S.write_result(args.out or S.RESULTS / "label_efficiency.json", payload, watch, wall)
+    S.write_result(target, payload, watch, wall)
     return 0
 
 
