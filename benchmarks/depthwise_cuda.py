@@ -25,8 +25,8 @@ from torch import Tensor
 
 from mim3d.config import load_config
 from mim3d.engine.train import train_step
+from mim3d.factory import build_mim, geometry_from_config
 from mim3d.models import layers
-from mim3d.models.registry import build_mim, geometry_from_config
 
 OUT = Path(__file__).parent / "results" / "depthwise_cuda.json"
 Conv = Callable[[Tensor, Tensor, Tensor | None, int], Tensor]

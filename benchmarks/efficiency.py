@@ -69,10 +69,10 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mim3d.config import load_config
+from mim3d.factory import build_mim, geometry_from_config
 from mim3d.losses import reconstruction_loss
 from mim3d.masking import LevelMasks, patchify, sample_levels
 from mim3d.models.mim import unit_means
-from mim3d.models.registry import build_mim, geometry_from_config
 from mim3d.models.swinssl import SwinSSL, make_two_views, swin_ssl_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"

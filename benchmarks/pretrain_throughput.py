@@ -103,7 +103,7 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _model(cfg: Any) -> Any:
-    from mim3d.models.registry import build_mim
+    from mim3d.factory import build_mim
 
     return build_mim(cfg)
 

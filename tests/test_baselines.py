@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 from mim3d.config import ConfigError, load_config
 from mim3d.engine.pretrain import pretrain
 from mim3d.engine.train import AXIAL_PLANE, step_generator, train_step
-from mim3d.models.downstream import build_downstream
+from mim3d.factory import build_downstream, build_pretrain_model, geometry_from_config
 from mim3d.models.hybrid import HybridEncoder
-from mim3d.models.registry import build_pretrain_model, geometry_from_config
 from mim3d.models.swinssl import SwinSSL, make_two_views, swin_feature_size, swin_ssl_loss
 from mim3d.models.vit import ViTEncoder
 from mim3d.transfer import export_encoder, load_encoder_into, read_card

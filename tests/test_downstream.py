@@ -14,17 +14,16 @@ from monai.networks.nets import UNETR
 from torch import Tensor, nn
 
 from mim3d.config import load_config
+from mim3d.factory import build_downstream, build_encoder
 from mim3d.models.downstream import (
     ENCODER_PREFIX,
     MiMClassifier,
     MiMUNETR,
-    build_downstream,
     build_swinunetr,
     build_unetr,
     vit_state_to_unetr,
 )
 from mim3d.models.layers import sincos_pos_embed_3d
-from mim3d.models.registry import build_encoder
 
 try:
     from peft.tuners.tuners_utils import BaseTunerLayer

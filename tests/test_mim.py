@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from mim3d.config import load_config
+from mim3d.factory import build_mim, geometry_from_config
 from mim3d.losses import mim_loss
 from mim3d.masking import patchify, sample_levels
-from mim3d.models.registry import build_mim, geometry_from_config
 
 SMALL = ["model.dims=[8,16,32,64]", "model.depths=[1,1,1,1]", "model.num_heads=2",
          "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2",

@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from mim3d.cli import main
 from mim3d.config import load_config
 from mim3d.engine.optim import set_lr
+from mim3d.factory import build_mim, geometry_from_config
 from mim3d.masking import LevelMasks, sample_levels
-from mim3d.models.registry import build_mim, geometry_from_config
 
 REF_STEPS = 8
 THREADS = torch.get_num_threads()  # subprocesses get the same: kernels may split work by it

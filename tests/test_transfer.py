@@ -15,9 +15,9 @@ from torch import nn
 
 from mim3d.config import load_config, to_dict
 from mim3d.engine.checkpoint import save_checkpoint
+from mim3d.factory import build_mim
 from mim3d.models.hybrid import official_key_to_mim3d
 from mim3d.models.layers import sincos_pos_embed_3d
-from mim3d.models.registry import build_mim
 from mim3d.models.vit import ViTEncoder
 from mim3d.transfer import (
     TransferError,

@@ -154,8 +154,8 @@ def test_single_level_output():
 def test_real_tiny_model_output(tmp_path):
     try:
         from mim3d.config import load_config
+        from mim3d.factory import build_mim
         from mim3d.masking import sample_levels
-        from mim3d.models.registry import build_mim
     except ImportError as exc:
         pytest.skip(f"MiM model not importable yet: {exc}")
     cfg = load_config("pretrain", "tiny")

@@ -8,6 +8,7 @@ Every command exits non-zero with one clear line on bad input. Library errors ar
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 from mim3d import __version__
 
 Handler = Callable[[argparse.Namespace], int]
+
+#: Command groups living in :mod:`mim3d.commands` (each module has ``register(sub)``).
+_COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
@@ -238,6 +242,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="fine-tuning run folder")
     p.add_argument("--checkpoint", default="best", help="best, last or a ckpt_* folder")
     p.set_defaults(func=cmd_predict)
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"mim3d.commands.{name}").register(sub)
     return parser
 
 

@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from mim3d import __version__
 from mim3d.config import ConfigError, PretrainConfig, config_from_dict, load_config
+from mim3d.factory import transferable_encoder
 from mim3d.models.hybrid import HybridEncoder, official_key_to_mim3d
 from mim3d.models.layers import sincos_pos_embed_3d
-from mim3d.models.registry import transferable_encoder
 from mim3d.models.swinssl import swin_encoder, swin_feature_size
 from mim3d.models.vit import ViTEncoder
 

@@ -211,7 +211,7 @@ def split_cases(names: list[str], *, seed: int, folds: int = 5, fold: int = 0,
 
 def build_network(spec: dict[str, Any]) -> nn.Module:
     """The run's network (``finetune.json``), with LoRA adapters when it was trained with them."""
-    from mim3d.models.downstream import build_downstream
+    from mim3d.factory import build_downstream
 
     model = build_downstream(network=spec["network"], size=spec["size"],
                              in_channels=spec["in_channels"], out_channels=spec["num_classes"],

@@ -312,7 +312,7 @@ def _prepare(cfg: FinetuneConfig, out: Path, data: str | Path, opts: dict[str, A
 
 def _build_model(cfg: FinetuneConfig, spec: dict[str, Any], fresh: bool) -> nn.Module:
     """The network: seeded init, pretrained encoder (new runs), then LoRA adapters."""
-    from mim3d.models.downstream import build_downstream
+    from mim3d.factory import build_downstream
 
     torch.manual_seed(cfg.train.seed)
     model = build_downstream(network=spec["network"], size=spec["size"],

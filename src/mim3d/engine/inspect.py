@@ -10,9 +10,9 @@ import torch
 from mim3d.config import PretrainConfig, config_from_dict
 from mim3d.data.preview import load_level1_crop
 from mim3d.engine.checkpoint import CheckpointError, find_latest, load_checkpoint
+from mim3d.factory import build_mim, geometry_from_config
 from mim3d.masking import levels_to_json, sample_levels
 from mim3d.models.mim import MiM
-from mim3d.models.registry import build_mim, geometry_from_config
 from mim3d.viz import save_levels_png, save_reconstruction_png
 
 

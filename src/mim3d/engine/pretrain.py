@@ -49,8 +49,8 @@ from mim3d.engine.train import (
     resolve_precision,
     train_step,
 )
+from mim3d.factory import build_pretrain_model, geometry_from_config
 from mim3d.masking import LevelGeometry
-from mim3d.models.registry import build_pretrain_model, geometry_from_config
 
 CONFIG_FILE = "config.yaml"
 

@@ -22,13 +22,19 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock,
 from monai.networks.nets import UNETR, SwinUNETR, ViT
 from torch import Tensor, nn
 
-from mim3d.config import load_config, preset_names
 from mim3d.models.hybrid import HybridEncoder
 from mim3d.models.layers import sincos_pos_embed_3d
-from mim3d.models.swinssl import swin_feature_size
 
-__all__ = ["ENCODER_PREFIX", "NETWORKS", "MiMClassifier", "MiMUNETR", "build_downstream",
-           "build_swinunetr", "build_unetr", "vit_state_to_unetr"]
+__all__ = [
+    "ENCODER_PREFIX",
+    "NETWORKS",
+    "MiMClassifier",
+    "MiMUNETR",
+    "build_swinunetr",
+    "build_unetr",
+    "check_roi",
+    "vit_state_to_unetr",
+]
 
 NETWORKS = ("mim-unetr", "unetr", "swinunetr", "classifier")
 # Where the pre-trained encoder lives in each network: load its state dict under this prefix.
@@ -36,7 +42,7 @@ ENCODER_PREFIX = {"mim-unetr": "encoder", "classifier": "encoder", "unetr": "vit
                   "swinunetr": "swinViT"}
 
 
-def _check_roi(roi: Sequence[int], multiple: int, what: str) -> tuple[int, int, int]:
+def check_roi(roi: Sequence[int], multiple: int, what: str) -> tuple[int, int, int]:
     roi = tuple(roi)
     if len(roi) != 3 or any(int(r) != r or r < multiple or r % multiple for r in roi):
         raise ValueError(f"roi {roi} must be 3 ints, each a positive multiple of {multiple} "
@@ -81,7 +87,7 @@ class MiMUNETR(nn.Module):
         if patch_size not in (8, 16):
             raise ValueError(f"MiMUNETR supports patch_size 8 or 16, got {patch_size} (with 32 "
                              "no encoder stage lands at R/2 to give that level a skip)")
-        roi = _check_roi(roi, patch_size, f"patch_size {patch_size}")
+        roi = check_roi(roi, patch_size, f"patch_size {patch_size}")
         for name, value in (("out_channels", out_channels), ("feature_size", feature_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -200,7 +206,7 @@ def build_unetr(*, in_channels: int, out_channels: int, roi: Sequence[int], patc
     """
     if patch_size not in (8, 16):
         raise ValueError(f"build_unetr supports patch_size 8 or 16, got {patch_size}")
-    roi = _check_roi(roi, patch_size, f"patch_size {patch_size}")
+    roi = check_roi(roi, patch_size, f"patch_size {patch_size}")
     if num_layers < 4:
         raise ValueError(f"num_layers must be >= 4 (skips tap d/4, d/2, 3d/4), got {num_layers}")
     if num_heads < 1 or hidden_size % num_heads:
@@ -309,7 +315,7 @@ class MiMClassifier(nn.Module):
             raise ValueError(f"num_classes and hidden must be >= 1, got {(num_classes, hidden)}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        roi = _check_roi(roi, patch_size, f"patch_size {patch_size}")
+        roi = check_roi(roi, patch_size, f"patch_size {patch_size}")
         self.encoder = HybridEncoder(in_channels=in_channels, input_size=roi,
                                      patch_size=patch_size, dims=dims, depths=depths,
                                      num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -322,51 +328,3 @@ class MiMClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, in_channels, *roi) -> logits (B, num_classes)."""
         return self.head(self.encoder(x).mean(dim=1))
-
-
-def build_downstream(*, network: str, size: str, in_channels: int, out_channels: int,
-                     roi: Sequence[int], grad_checkpointing: bool = False) -> nn.Module:
-    """A downstream network at the encoder size of pretrain preset ``size``.
-
-    Sizes come from ``load_config("pretrain", size).model`` and its ``geometry.patch_size``:
-    ``mim-unetr`` / ``classifier`` use the hybrid encoder (decoder width fs = dims[0]: 48 for
-    base), ``unetr`` the ViT (``vit_dim``, ``vit_depth``, ``num_heads``, ``mlp_ratio``), and
-    ``swinunetr`` the smallest multiple of 12 >= dims[0] as feature size (as ``swin-ssl``).
-
-    Args:
-        network: one of :data:`NETWORKS`.
-        size: a pretrain preset name (tiny, small, base, ...).
-        in_channels: image channels.
-        out_channels: classes (segmentation logit channels, or classifier logits).
-        roi: input size; equal to the preset's ``geometry.input_size`` for an exact load of
-            the pre-trained encoder (its fixed position embedding depends on the grid).
-        grad_checkpointing: recompute encoder blocks in backward.
-
-    Returns:
-        The network; its pre-trained part sits under ``ENCODER_PREFIX[network]``.
-    """
-    if network not in NETWORKS:
-        raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
-    sizes = preset_names("pretrain")
-    if size not in sizes:
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(sizes)}")
-    cfg = load_config("pretrain", size)
-    m, p = cfg.model, cfg.geometry.patch_size
-    if network == "swinunetr":
-        roi = _check_roi(roi, 32, "SwinUNETR downsamples 32x")
-        if roi == (32, 32, 32):
-            raise ValueError("roi (32, 32, 32) leaves SwinUNETR a single bottleneck voxel, "
-                             "on which instance norm fails; use a larger roi")
-        return build_swinunetr(in_channels=in_channels, out_channels=out_channels,
-                               feature_size=swin_feature_size(m.dims[0]),
-                               use_checkpoint=grad_checkpointing)
-    if network == "unetr":
-        return build_unetr(in_channels=in_channels, out_channels=out_channels, roi=roi,
-                           patch_size=p, hidden_size=m.vit_dim, num_layers=m.vit_depth,
-                           num_heads=m.num_heads, mlp_dim=int(m.vit_dim * m.mlp_ratio))
-    common = {"in_channels": in_channels, "roi": roi, "patch_size": p, "dims": m.dims,
-              "depths": m.depths, "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio,
-              "drop_path_rate": m.drop_path_rate, "grad_checkpointing": grad_checkpointing}
-    if network == "classifier":
-        return MiMClassifier(num_classes=out_channels, **common)
-    return MiMUNETR(out_channels=out_channels, feature_size=m.dims[0], **common)

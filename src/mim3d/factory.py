@@ -1,11 +1,26 @@
-"""Build models from resolved configs: the one place where config values become kwargs."""
+"""Build networks from configs and presets: the one place where config values become kwargs.
+
+Models under :mod:`mim3d.models` take plain keyword arguments only; this module sits above them
+(engine, transfer and cli import it) and turns a :class:`~mim3d.config.PretrainConfig` or a
+pretrain preset name into those arguments.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
-from mim3d.config import GeometryConfig, ModelConfig, PretrainConfig
+from mim3d.config import GeometryConfig, ModelConfig, PretrainConfig, load_config, preset_names
 from mim3d.masking import LevelGeometry, build_geometry
+from mim3d.models.downstream import (
+    NETWORKS,
+    MiMClassifier,
+    MiMUNETR,
+    build_swinunetr,
+    build_unetr,
+    check_roi,
+)
 from mim3d.models.hybrid import HybridEncoder
 from mim3d.models.mim import MiM
 from mim3d.models.swinssl import SwinSSL, swin_encoder, swin_feature_size
@@ -74,3 +89,51 @@ def transferable_encoder(cfg: PretrainConfig) -> tuple[str, nn.Module]:
                                        feature_size=swin_feature_size(cfg.model.dims[0]))
     return "encoder", build_encoder(cfg.model, input_size=cfg.geometry.input_size,
                                     patch_size=cfg.geometry.patch_size)
+
+
+def build_downstream(*, network: str, size: str, in_channels: int, out_channels: int,
+                     roi: Sequence[int], grad_checkpointing: bool = False) -> nn.Module:
+    """A downstream network at the encoder size of pretrain preset ``size``.
+
+    Sizes come from ``load_config("pretrain", size).model`` and its ``geometry.patch_size``:
+    ``mim-unetr`` / ``classifier`` use the hybrid encoder (decoder width fs = dims[0]: 48 for
+    base), ``unetr`` the ViT (``vit_dim``, ``vit_depth``, ``num_heads``, ``mlp_ratio``), and
+    ``swinunetr`` the smallest multiple of 12 >= dims[0] as feature size (as ``swin-ssl``).
+
+    Args:
+        network: one of :data:`NETWORKS`.
+        size: a pretrain preset name (tiny, small, base, ...).
+        in_channels: image channels.
+        out_channels: classes (segmentation logit channels, or classifier logits).
+        roi: input size; equal to the preset's ``geometry.input_size`` for an exact load of
+            the pre-trained encoder (its fixed position embedding depends on the grid).
+        grad_checkpointing: recompute encoder blocks in backward.
+
+    Returns:
+        The network; its pre-trained part sits under ``ENCODER_PREFIX[network]``.
+    """
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+    sizes = preset_names("pretrain")
+    if size not in sizes:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(sizes)}")
+    cfg = load_config("pretrain", size)
+    m, p = cfg.model, cfg.geometry.patch_size
+    if network == "swinunetr":
+        roi = check_roi(roi, 32, "SwinUNETR downsamples 32x")
+        if roi == (32, 32, 32):
+            raise ValueError("roi (32, 32, 32) leaves SwinUNETR a single bottleneck voxel, "
+                             "on which instance norm fails; use a larger roi")
+        return build_swinunetr(in_channels=in_channels, out_channels=out_channels,
+                               feature_size=swin_feature_size(m.dims[0]),
+                               use_checkpoint=grad_checkpointing)
+    if network == "unetr":
+        return build_unetr(in_channels=in_channels, out_channels=out_channels, roi=roi,
+                           patch_size=p, hidden_size=m.vit_dim, num_layers=m.vit_depth,
+                           num_heads=m.num_heads, mlp_dim=int(m.vit_dim * m.mlp_ratio))
+    common = {"in_channels": in_channels, "roi": roi, "patch_size": p, "dims": m.dims,
+              "depths": m.depths, "num_heads": m.num_heads, "mlp_ratio": m.mlp_ratio,
+              "drop_path_rate": m.drop_path_rate, "grad_checkpointing": grad_checkpointing}
+    if network == "classifier":
+        return MiMClassifier(num_classes=out_channels, **common)
+    return MiMUNETR(out_channels=out_channels, feature_size=m.dims[0], **common)
