@@ -100,8 +100,24 @@ def test_step_sampler_ranks_disjoint_and_resume() -> None:
         StepSampler(batch_size=2, rank=2, world_size=2)
 
 
-def test_loader_workers_match_in_process(synthetic_store: Path) -> None:
-    ds = _dataset(synthetic_store, seed=3, body_aware=True)
+@pytest.fixture(scope="module")
+def blosc2_store(synthetic_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic store's sources prepared again in the compressed blosc2 format."""
+    pytest.importorskip("blosc2", reason="the blosc2 store format needs blosc2 (mim3d[store])")
+    from mim3d.data.prepare import prepare
+
+    src = Path(PreparedStore.open(synthetic_store).cases[0].source).parent
+    out = tmp_path_factory.mktemp("b2") / "store"
+    prepare([src], out, data=DataConfig(), workers=0, progress=False, fmt="blosc2")
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["npy", "blosc2"])
+def test_loader_workers_match_in_process(fmt: str, synthetic_store: Path,
+                                         request: pytest.FixtureRequest) -> None:
+    # The serial pass reads in this process before the workers fork: blosc2 must survive that.
+    store = synthetic_store if fmt == "npy" else request.getfixturevalue("blosc2_store")
+    ds = _dataset(store, seed=3, body_aware=True)
 
     def batches(workers: int) -> list[torch.Tensor]:
         sampler = StepSampler(batch_size=2, rank=1, world_size=2, start_step=5)

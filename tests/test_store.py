@@ -80,7 +80,8 @@ def test_prepare_stores_ras_voxels_and_geometry(three_cases: Path, tmp_path: Pat
         assert store.body(i).shape == tuple(-(-n // 8) for n in rec.shape)
     np.testing.assert_allclose(store.cases[1].spacing, (1.2, 1.0, 2.0))  # permuted source
     info = json.loads((tmp_path / "store" / "store.json").read_text())
-    assert info["version"] == 1 and info["data"]["hu_window"] == [-1000.0, 1000.0]
+    assert info["version"] == 2 and info["data"]["hu_window"] == [-1000.0, 1000.0]
+    assert info["array_format"] == "npy"  # the default format (see DEFAULT_FORMAT)
 
 
 def test_resampling_to_spacing(tmp_path: Path) -> None:
@@ -296,14 +297,14 @@ def _sitk_read(path: Path) -> sitk.Image:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers inherit the patch")
 def test_dead_worker_quarantines_only_its_case(three_cases: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import mim3d.data.prepare as prep
+    import mim3d.data.casework as prep
 
     original = prep._write_case
 
-    def crash_on_b(spec, case_dir, data):  # a segfault in a reader kills the process like this
+    def crash_on_b(spec, job):  # a segfault in a reader kills the process like this
         if spec.name == "b":
             os._exit(3)
-        return original(spec, case_dir, data)
+        return original(spec, job)
 
     monkeypatch.setattr(prep, "_write_case", crash_on_b)
     report = _prepare([three_cases], tmp_path / "store", workers=2)

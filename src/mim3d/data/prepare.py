@@ -1,16 +1,22 @@
 """``mim3d prepare``: read every case once into a :mod:`mim3d.data.store` folder.
 
 Each case is read (RAS), checked, optionally resampled to ``DataConfig.spacing`` (trilinear
-image, nearest label), rounded to int16 HU, and written with a coarse body-fraction grid. Bad
-cases go to ``quarantine.jsonl`` with one reason and never stop the run. The run resumes: a case
-is done once its manifest line exists, and that line is appended only after its arrays are in
-place, so an interrupted case is simply redone.
+image, nearest label), rounded to int16 HU, and written with a coarse body-fraction grid
+(:mod:`mim3d.data.casework`). Bad cases go to ``quarantine.jsonl`` with one reason and never stop
+the run.
+
+Resuming and sharding: a case is part of the store once its manifest line exists, and that line
+is appended only after its folder was renamed into place, so a run killed at any point (SIGKILL
+included) is continued by running the same command again. ``shard=(I, N)`` prepares only the
+cases whose name hashes to ``I`` modulo ``N``; N such processes (on one machine or on several
+sharing a file system) fill one store concurrently, case names being fixed by the whole input
+list, so the result equals a single-process prepare. A per-case claim (an advisory lock) keeps
+two processes from preparing the same case; the second one leaves it to the first.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import multiprocessing
 import os
@@ -21,39 +27,42 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from scipy import ndimage
 from tqdm import tqdm
 
 from mim3d.config import DataConfig, to_dict
+from mim3d.data.body import BODY_CELL
+from mim3d.data.casework import CaseJob, now, prepare_case, resample, stale_temporaries
 from mim3d.data.datalists import CaseSpec, resolve_inputs
-from mim3d.data.readers import read_volume, validate_volume
-from mim3d.data.store import (
-    BODY_CELL,
-    CASES_DIR,
-    FORMAT_NAME,
-    FORMAT_VERSION,
+from mim3d.data.formats import array_format
+from mim3d.data.manifest import (
     MANIFEST,
     QUARANTINE,
-    STORE_JSON,
-    CaseRecord,
-    body_cells,
-    body_mask,
-    config_mismatch,
+    ManifestWriter,
+    locked,
     read_manifest,
     read_quarantine,
 )
-from mim3d.data.volume import ImageReadError
+from mim3d.data.remote import StoreFiles
+from mim3d.data.shards import parse_shard, plan_cases
+from mim3d.data.store import (
+    CASES_DIR,
+    DEFAULT_FORMAT,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    STORE_JSON,
+    config_mismatch,
+    read_store_info,
+)
 
-__all__ = ["PrepareReport", "prepare", "resample"]
+__all__ = ["PrepareReport", "parse_shard", "prepare", "resample"]
 
-_GRID_ATOL_MM = 1e-3
 _CRASH_REASON = ("worker process died while preparing this case (out of memory, or a crash "
                  "inside an image reader)")
+_CLAIMS = ".claims"
+Finish = Callable[[CaseSpec, dict[str, Any]], None]
 
 
 @dataclass
@@ -65,8 +74,10 @@ class PrepareReport:
         skipped: cases already in the store with the same image and label source.
         quarantined: cases found unusable by this run (reasons in ``quarantine.jsonl``).
         store: the store folder.
-        messages: one line per quarantined case, then a summary line.
+        messages: one line per quarantined or busy case, then a summary line.
         in_store: prepared cases the store holds after the run.
+        busy: cases left to another process that was preparing them at the same time.
+        smaller_than_crop: prepared cases smaller than the level-1 crop (padded when cropped).
     """
 
     prepared: int
@@ -75,14 +86,14 @@ class PrepareReport:
     store: Path
     messages: list[str] = field(default_factory=list)
     in_store: int = 0
-
-
-class _CaseError(Exception):
-    """A case is unusable; the message is the quarantine reason."""
+    busy: int = 0
+    smaller_than_crop: int = 0
 
 
 def prepare(inputs: Sequence[str | Path], out: str | Path, *, data: DataConfig,
-            workers: int = 2, progress: bool = True) -> PrepareReport:
+            workers: int = 2, progress: bool = True, fmt: str | None = None,
+            shard: tuple[int, int] | None = None, min_size: Sequence[int] | None = None,
+            crop_size: Sequence[int] | None = None) -> PrepareReport:
     """Prepare images into a store folder, resuming whatever an earlier run left.
 
     Args:
@@ -93,125 +104,142 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, data: DataConfig,
             an existing store's.
         workers: worker processes; 0 or 1 prepares in this process.
         progress: show a tqdm bar.
+        fmt: array format of a new store (``blosc2`` or ``npy``; default
+            :data:`mim3d.data.store.DEFAULT_FORMAT`); an existing store keeps its own.
+        shard: ``(I, N)``: prepare only this process's part of the inputs.
+        min_size: quarantine volumes smaller than this (x, y, z) after resampling.
+        crop_size: the level-1 crop; smaller volumes are logged and counted.
 
     Returns:
         The counts; the store is usable when ``in_store > 0``.
 
     Raises:
         ValueError: (one line) inputs cannot be resolved, ``out`` is a store prepared with other
-            baked-in settings, or another prepare is writing to it.
+            baked-in settings or another format, or a conflicting prepare is writing to it.
     """
     specs = resolve_inputs(inputs)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    with _store_lock(root):
-        _init_store(root, data)
-        _repair_manifest(root / MANIFEST)
-        done = read_manifest(root / MANIFEST)
-        todo, skipped = _plan(specs, done)
+    with _run_lock(root, shard):
+        fmt_name, fmt_params = _init_store(root, data, fmt)
+        writer = ManifestWriter(root)
+        writer.repair()
+        todo, skipped = plan_cases(specs, read_manifest(root / MANIFEST), shard)
+        job = CaseJob(str(root), data, fmt_name, fmt_params,
+                      None if min_size is None else tuple(int(v) for v in min_size),
+                      None if crop_size is None else tuple(int(v) for v in crop_size))
         report = PrepareReport(prepared=0, skipped=skipped, quarantined=0, store=root)
-        quarantine = {e["source"]: e for e in read_quarantine(root / QUARANTINE)}
-        known = {rec.name for rec in done}
-        bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress)
-
-        def finish(spec: CaseSpec, result: dict[str, Any]) -> None:
-            _record_result(root, spec, result, report, quarantine, known)
-            bar.update(1)
-            bar.set_postfix(quarantined=report.quarantined, refresh=False)
-
+        claims = _Claims(root)
         try:
-            _run_cases(todo, root, data, workers, finish)
+            _run_all(todo, job, workers, progress, writer, claims, report)
         finally:
-            bar.close()
+            claims.release_all()
+        if shard is None:  # alone in the store: sweep what killed writers left behind
+            for path in [*stale_temporaries(root), root / _CLAIMS]:
+                shutil.rmtree(path, ignore_errors=True)
         report.in_store = len(read_manifest(root / MANIFEST))
     report.messages.append(
         f"prepared {report.prepared}, skipped {report.skipped} (already in the store), "
-        f"quarantined {report.quarantined}; {report.in_store} cases in {root}")
+        f"quarantined {report.quarantined}, left to another process {report.busy}; "
+        f"{report.in_store} cases in {root}")
+    if report.smaller_than_crop:
+        report.messages.append(f"{report.smaller_than_crop} prepared case(s) are smaller than "
+                               "the level-1 crop and will be padded with air")
     return report
 
 
-@contextlib.contextmanager
-def _store_lock(root: Path) -> Iterator[None]:
-    """Refuse a second concurrent prepare into the same folder (POSIX advisory lock)."""
+def _run_all(todo: list[CaseSpec], job: CaseJob, workers: int, progress: bool,
+             writer: ManifestWriter, claims: _Claims, report: PrepareReport) -> None:
+    """Claim, prepare and record every planned case."""
+    root = Path(job.root)
+    was_quarantined = {e["source"]: e.get("reason") for e in read_quarantine(root / QUARANTINE)}
+    bar = tqdm(total=len(todo), desc="prepare", unit="case", disable=not progress)
+
+    def start(spec: CaseSpec) -> bool:
+        if not claims.acquire(spec.name):
+            report.busy += 1
+            report.messages.append(f"{spec.name} ({spec.image}): being prepared by another "
+                                   "process right now; left to it")
+        elif writer.recorded(spec.name, (spec.image, spec.label)):
+            claims.release(spec.name)
+            report.skipped += 1  # another shard finished it since this run looked
+        else:
+            for path in stale_temporaries(root, spec.name):
+                shutil.rmtree(path, ignore_errors=True)
+            return True
+        bar.update(1)
+        return False
+
+    def finish(spec: CaseSpec, result: dict[str, Any]) -> None:
+        _record_result(spec, result, report, writer, was_quarantined)
+        claims.release(spec.name)
+        bar.update(1)
+        bar.set_postfix(quarantined=report.quarantined, refresh=False)
+
     try:
-        import fcntl
-    except ImportError:  # Windows: no lock, the user is trusted
-        yield
-        return
-    with open(root / ".prepare.lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ValueError(f"{root}: another `mim3d prepare` is writing to this store; "
-                             "wait for it or choose another --out") from None
-        try:
+        _run_cases(todo, job, workers, start, finish)
+    finally:
+        bar.close()
+
+
+@contextlib.contextmanager
+def _run_lock(root: Path, shard: tuple[int, int] | None) -> Iterator[None]:
+    """A plain prepare has the store to itself; shards share it, each shard running once."""
+    with locked(root / ".prepare.lock", exclusive=shard is None, blocking=False) as ok:
+        if not ok:
+            raise ValueError(f"{root}: another `mim3d prepare` is writing to this store "
+                             f"({'an unsharded one' if shard else 'possibly sharded'}); wait "
+                             "for it, or run every process with --shard I/N")
+        if shard is None:
             yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            return
+        with locked(root / f".shard-{shard[0]}-of-{shard[1]}.lock", blocking=False) as mine:
+            if not mine:
+                raise ValueError(f"{root}: shard {shard[0]}/{shard[1]} is already being "
+                                 "prepared by another process; start each shard once")
+            yield
 
 
-def _init_store(root: Path, data: DataConfig) -> None:
-    """Write store.json for a new store, or check an existing one was made the same way."""
-    meta = root / STORE_JSON
-    if meta.is_file():
-        info = json.loads(meta.read_text(encoding="utf-8"))
-        if info.get("format") != FORMAT_NAME or info.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{root}: holds a store of another format/version; use a new --out")
-        why = config_mismatch(info.get("data", {}), data)
-        if why:
-            raise ValueError(f"{root}: store was prepared with other settings ({why}); prepare "
-                             "into a new --out folder or use the store's preset")
-        return
-    if any(p.name not in (".prepare.lock",) for p in root.iterdir()):
-        raise ValueError(f"{root}: folder is not empty and not a store; choose a new --out")
-    info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "data": to_dict(data),
-            "body_cell": BODY_CELL, "created": _now()}
-    _write_atomic(meta, json.dumps(info, indent=2) + "\n")
-    (root / CASES_DIR).mkdir(exist_ok=True)
+def _init_store(root: Path, data: DataConfig, fmt: str | None) -> tuple[str, dict[str, Any]]:
+    """Write store.json for a new store, or check an existing one; returns its array format."""
+    with locked(root / ".init.lock"):
+        meta = root / STORE_JSON
+        if meta.is_file():
+            info = read_store_info(StoreFiles(root))
+            why = config_mismatch(info.get("data", {}), data)
+            if why:
+                raise ValueError(f"{root}: store was prepared with other settings ({why}); "
+                                 "prepare into a new --out folder or use the store's preset")
+            if fmt is not None and fmt != info["array_format"]:
+                raise ValueError(f"{root}: store holds {info['array_format']} arrays, not "
+                                 f"{fmt}; drop --format or choose a new --out")
+            return info["array_format"], dict(info.get("format_params") or {})
+        if any(not p.name.startswith(".") for p in root.iterdir()):
+            raise ValueError(f"{root}: folder is not empty and not a store; choose a new --out")
+        fmt_obj = array_format(fmt or DEFAULT_FORMAT)
+        fmt_obj.check_available()  # e.g. blosc2 missing: a clear error before anything is written
+        info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "array_format": fmt_obj.name,
+                "format_params": fmt_obj.params(), "data": to_dict(data),
+                "body_cell": BODY_CELL, "created": now()}
+        (root / CASES_DIR).mkdir(exist_ok=True)
+        tmp = root / f".{STORE_JSON}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, meta)
+        return fmt_obj.name, fmt_obj.params()
 
 
-def _repair_manifest(path: Path) -> None:
-    """Drop a half-written last line (crash mid-append) so new lines start on their own line."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    raw = path.read_bytes()
-    if raw.endswith(b"\n"):
-        return
-    _write_atomic(path, raw[: raw.rfind(b"\n") + 1].decode("utf-8"))
-
-
-def _plan(specs: list[CaseSpec], done: list[CaseRecord]) -> tuple[list[CaseSpec], int]:
-    """Cases still to prepare, with names that never overwrite another image's arrays."""
-    done_keys = {rec.source_key for rec in done}
-    name_of_image = {rec.source: rec.name for rec in done}
-    taken = {rec.name.lower(): rec.source for rec in done}
-    todo, skipped = [], 0
-    for spec in specs:
-        if (spec.image, spec.label) in done_keys:
-            skipped += 1
-            continue
-        # Same image with another label: update its case. A new image: a name nobody holds.
-        name = name_of_image.get(spec.image)
-        if name is None:
-            name, n = spec.name, 1
-            while taken.get(name.lower(), spec.image) != spec.image:
-                n += 1
-                name = f"{spec.name}_{n}"
-        taken[name.lower()] = spec.image
-        todo.append(CaseSpec(name, spec.image, spec.label))
-    return todo, skipped
-
-
-def _run_cases(todo: list[CaseSpec], root: Path, data: DataConfig, workers: int,
-               finish: Callable[[CaseSpec, dict[str, Any]], None]) -> None:
+def _run_cases(todo: list[CaseSpec], job: CaseJob, workers: int,
+               start: Callable[[CaseSpec], bool], finish: Finish) -> None:
     """Prepare ``todo`` in this process or in pools; a dead worker quarantines only its case.
 
-    A crash (segfault, OOM kill) breaks the whole pool. Only the cases in flight at that moment
-    are suspects: they are redone one per fresh single-worker pool, the rest go on in a new pool.
+    ``start`` claims a case just before it is handed out (False: leave it). A crash (segfault,
+    OOM kill) breaks the whole pool. Only the cases in flight at that moment are suspects: they
+    are redone one per fresh single-worker pool, the rest go on in a new pool.
     """
     if workers <= 1:
         for spec in todo:
-            finish(spec, _prepare_case(spec, str(root / CASES_DIR / spec.name), data))
+            if start(spec):
+                finish(spec, prepare_case(spec, job))
         return
     pending, suspects, ok = deque(todo), [], [0]
 
@@ -220,8 +248,8 @@ def _run_cases(todo: list[CaseSpec], root: Path, data: DataConfig, workers: int,
         finish(spec, result)
 
     while pending:
-        suspects += _pool_round(pending, root, data, workers, finish_ok)
-    results = [(spec, _run_alone(spec, root, data)) for spec in suspects]
+        suspects += _pool_round(pending, job, workers, start, finish_ok)
+    results = [(spec, _run_alone(spec, job)) for spec in suspects]
     if ok[0] == 0 and len(todo) > 1 and all(r.get("reason") == _CRASH_REASON for _, r in results):
         # Every case died: the workers cannot run here at all; quarantining would hide that.
         raise RuntimeError("every prepare worker process died; run with workers=0 to see why")
@@ -229,20 +257,24 @@ def _run_cases(todo: list[CaseSpec], root: Path, data: DataConfig, workers: int,
         finish(spec, result)
 
 
-def _pool_round(pending: deque[CaseSpec], root: Path, data: DataConfig, workers: int,
-                finish: Callable[[CaseSpec, dict[str, Any]], None]) -> list[CaseSpec]:
+def _pool_round(pending: deque[CaseSpec], job: CaseJob, workers: int,
+                start: Callable[[CaseSpec], bool], finish: Finish) -> list[CaseSpec]:
     """Feed ``pending`` to one pool, a few cases in flight; returns the in-flight cases of a crash."""
     in_flight: dict[Future, CaseSpec] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
         try:
             while pending or in_flight:
                 while pending and len(in_flight) < 2 * workers:
-                    case_dir = str(root / CASES_DIR / pending[0].name)
+                    if not start(pending[0]):
+                        pending.popleft()
+                        continue
                     try:
-                        fut = pool.submit(_prepare_case, pending[0], case_dir, data)
+                        fut = pool.submit(prepare_case, pending[0], job)
                     except BrokenProcessPool:  # broke before we saw why; this case is innocent
                         return list(in_flight.values()) or [pending.popleft()]
                     in_flight[fut] = pending.popleft()
+                if not in_flight:
+                    break
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for fut in done:
                     try:
@@ -256,12 +288,11 @@ def _pool_round(pending: deque[CaseSpec], root: Path, data: DataConfig, workers:
     return []
 
 
-def _run_alone(spec: CaseSpec, root: Path, data: DataConfig) -> dict[str, Any]:
+def _run_alone(spec: CaseSpec, job: CaseJob) -> dict[str, Any]:
     """Prepare one suspect case in its own worker process, so a crash names this case."""
     with ProcessPoolExecutor(max_workers=1, mp_context=_mp_context()) as pool:
         try:
-            return pool.submit(_prepare_case, spec, str(root / CASES_DIR / spec.name),
-                               data).result()
+            return pool.submit(prepare_case, spec, job).result()
         except BrokenProcessPool:
             return {"reason": _CRASH_REASON}
 
@@ -272,166 +303,54 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context(method)
 
 
-def _record_result(root: Path, spec: CaseSpec, result: dict[str, Any], report: PrepareReport,
-                   quarantine: dict[str, dict[str, Any]], known: set[str]) -> None:
-    """Append a manifest line, or a quarantine entry (one per source), for a finished case."""
+def _record_result(spec: CaseSpec, result: dict[str, Any], report: PrepareReport,
+                   writer: ManifestWriter, was_quarantined: dict[str, str | None]) -> None:
+    """Append a manifest line, or a quarantine entry, for a finished case."""
     if "record" in result:
-        _append_line(root / MANIFEST, result["record"])
-        known.add(spec.name)
-        report.prepared += 1
-        if quarantine.pop(spec.image, None) is not None:  # fixed since an earlier run
-            _write_quarantine(root / QUARANTINE, quarantine)
+        if writer.commit(result["record"]):
+            report.prepared += 1
+            report.smaller_than_crop += bool(result["record"].get("smaller_than_crop"))
+        else:
+            report.skipped += 1
+        if spec.image in was_quarantined:  # fixed since an earlier run
+            writer.quarantine({"source": spec.image, "resolved": True, "time": now()})
         return
     reason = " ".join(str(result["reason"]).split())
-    quarantine[spec.image] = {"name": spec.name, "source": spec.image, "label": spec.label,
-                              "reason": reason, "time": _now()}
-    _write_quarantine(root / QUARANTINE, quarantine)
+    if was_quarantined.get(spec.image) != reason:  # the same verdict again adds no line
+        writer.quarantine({"name": spec.name, "source": spec.image, "label": spec.label,
+                           "reason": reason, "time": now()})
     report.quarantined += 1
     report.messages.append(f"quarantined {spec.name} ({spec.image}): {reason}")
-    if spec.name not in known:  # leftovers of a failed new case are garbage
-        shutil.rmtree(root / CASES_DIR / spec.name, ignore_errors=True)
 
 
-def _prepare_case(spec: CaseSpec, case_dir: str, data: DataConfig) -> dict[str, Any]:
-    """Worker entry: prepare one case; returns ``{"record": ...}`` or ``{"reason": ...}``.
+class _Claims:
+    """Per-case advisory locks (``.claims/<name>``) held while a case is being prepared.
 
-    Never raises for a bad case, so one broken file cannot stop the run.
+    The lock files stay until a plain (unsharded) prepare sweeps them: removing a lock file
+    while another process may be opening it would let two processes hold "the" lock.
     """
-    try:
-        return {"record": _write_case(spec, Path(case_dir), data)}
-    except (ImageReadError, _CaseError) as err:
-        return {"reason": str(err)}
-    except MemoryError:
-        return {"reason": "MemoryError: not enough memory to prepare this case"}
-    except Exception as err:  # noqa: BLE001 - any other failure is this case's, not the run's
-        return {"reason": f"{type(err).__name__}: {err}"}
 
+    def __init__(self, root: Path) -> None:
+        self.folder = root / _CLAIMS
+        self.folder.mkdir(exist_ok=True)
+        self._held: dict[str, contextlib.ExitStack] = {}
 
-def _write_case(spec: CaseSpec, case_dir: Path, data: DataConfig) -> dict[str, Any]:
-    """Read, check, resample and write one case; returns its manifest record."""
-    vol = read_volume(spec.image)
-    reason = validate_volume(vol)
-    if reason:
-        raise _CaseError(reason)
-    _check_intensities(vol.array)
-    label = _read_label(spec.label, vol.array.shape, vol.affine) if spec.label else None
-    array, affine = vol.array, vol.affine
-    if data.spacing is not None:
-        array, affine = resample(vol.array, vol.affine, data.spacing, order=1)
-        if label is not None:
-            label = resample(label, vol.affine, data.spacing, order=0)[0]
-    hu = _to_int16(array)
-    del array, vol
-    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
-    mask = body_mask(hu, data.body_hu, spacing)
-    case_dir.mkdir(parents=True, exist_ok=True)
-    _save_atomic(case_dir / "body.npy", body_cells(mask, hu.shape))
-    if label is not None:
-        _save_atomic(case_dir / "label.npy", label)
-    else:
-        (case_dir / "label.npy").unlink(missing_ok=True)  # stale from an earlier label
-    _save_atomic(case_dir / "image.npy", hu)
-    return CaseRecord(
-        name=spec.name, source=spec.image, label_source=spec.label, shape=tuple(hu.shape),
-        spacing=spacing, affine=np.asarray(affine, float).tolist(), hu_min=int(hu.min()),
-        hu_max=int(hu.max()), hu_mean=float(hu.mean(dtype=np.float64)),
-        hu_std=float(hu.std(dtype=np.float64)), sha256=hashlib.sha256(hu.data).hexdigest(),
-        has_label=label is not None, body_fraction=float(mask.mean()), prepared=_now(),
-    ).to_json()
+    def release_all(self) -> None:
+        for name in list(self._held):
+            self.release(name)
 
+    def acquire(self, name: str) -> bool:
+        """Claim ``name``; False when another process holds it."""
+        if name in self._held:
+            return True
+        stack = contextlib.ExitStack()
+        if not stack.enter_context(locked(self.folder / name, blocking=False)):
+            stack.close()
+            return False
+        self._held[name] = stack
+        return True
 
-def _to_int16(array: np.ndarray) -> np.ndarray:
-    """Round to the nearest integer HU and clip to the int16 range (C order)."""
-    if array.dtype.kind == "f":
-        array = np.rint(array)
-    return np.clip(array, -32768, 32767).astype(np.int16, order="C")
-
-
-def _check_intensities(array: np.ndarray) -> None:
-    """Refuse float images whose values would be destroyed by rounding to int16 HU."""
-    if array.dtype.kind != "f":
-        return
-    lo, hi = float(array.min()), float(array.max())
-    if hi - lo < 100 and not np.array_equal(array, np.rint(array)):
-        raise _CaseError(f"float intensities in [{lo:.4g}, {hi:.4g}] look normalised, not HU; "
-                         "the store keeps int16 HU, so pass the original CT")
-
-
-def _read_label(path: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """Read a label map that must lie on the image's grid; returns uint8 or int16."""
-    lab = read_volume(path)
-    if lab.array.ndim != 3:
-        raise _CaseError(f"label {path} is {lab.array.ndim}D; a 3D label map is needed")
-    if tuple(lab.array.shape) != tuple(shape):
-        raise _CaseError(f"label grid does not match its image: label shape "
-                         f"{tuple(lab.array.shape)} vs image {tuple(shape)} ({path})")
-    diff = float(np.abs(np.asarray(lab.affine) - np.asarray(affine)).max())
-    if diff > _GRID_ATOL_MM:
-        raise _CaseError(f"label grid does not match its image: affines differ by up to "
-                         f"{diff:.4g} mm ({path})")
-    arr = lab.array
-    if arr.dtype.kind == "f" and not (np.all(np.isfinite(arr)) and np.array_equal(arr, np.rint(arr))):
-        raise _CaseError(f"label {path} has non-integer or NaN values; a label map is needed")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi > 32767:
-        raise _CaseError(f"label {path} values [{lo}, {hi}] are outside [0, 32767]")
-    return np.ascontiguousarray(arr.astype(np.uint8 if hi <= 255 else np.int16))
-
-
-def resample(array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], *,
-             order: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resample a volume to ``spacing`` keeping the first voxel's centre and the axis directions.
-
-    Args:
-        array: (X, Y, Z) volume.
-        affine: its 4x4 voxel-to-world matrix.
-        spacing: target voxel size in mm along the array axes.
-        order: 1 = trilinear (images, float32 output), 0 = nearest (labels, dtype kept).
-
-    Returns:
-        ``(array, affine)`` on the new grid; shape = round(old extent / new spacing).
-    """
-    old = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
-    new = np.asarray(spacing, dtype=float)
-    if np.allclose(old, new, rtol=1e-4, atol=0):
-        return array, np.asarray(affine, float)
-    step = new / old  # new voxel step in old voxels
-    shape = tuple(max(1, round(n / s)) for n, s in zip(array.shape, step, strict=True))
-    src = array.astype(np.float32) if order == 1 else array
-    out = ndimage.affine_transform(src, step, offset=0.0, output_shape=shape, order=order,
-                                   mode="nearest", prefilter=False)
-    new_affine = np.asarray(affine, float).copy()
-    new_affine[:3, :3] = new_affine[:3, :3] * step[None, :]
-    return out, new_affine
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    """Write an .npy through a temporary name, so a crash never leaves a half file in place."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _append_line(path: Path, obj: dict[str, Any]) -> None:
-    """Append one JSON line with a single write, flushed to disk before returning."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(obj) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _write_quarantine(path: Path, entries: dict[str, dict[str, Any]]) -> None:
-    _write_atomic(path, "".join(json.dumps(e) + "\n" for e in entries.values()))
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    def release(self, name: str) -> None:
+        stack = self._held.pop(name, None)
+        if stack is not None:
+            stack.close()

@@ -10,6 +10,7 @@ remaining data stream with nothing but the step saved.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from mim3d.data.store import AIR_HU, PreparedStore, config_mismatch, normalize
 
 __all__ = ["PretrainCropDataset", "StepSampler", "make_loader"]
 
+logger = logging.getLogger(__name__)
+
 Triple = tuple[int, int, int]
 
 
@@ -32,7 +35,8 @@ class PretrainCropDataset(Dataset):
         store: an open :class:`PreparedStore` or its folder.
         crop_size: level-1 crop size S_1 in store voxels (x, y, z).
         data: preprocessing; ``spacing`` and ``body_hu`` must be those the store was prepared
-            with, the window/normalisation and body-aware thresholds are applied here.
+            with (``spacing=None``, no resampling asked, accepts a store at any spacing), the
+            window/normalisation and body-aware thresholds are applied here.
         seed: run seed; with the index it fixes every sample.
         length: nominal length (the sampler decides what is drawn; the stream is unbounded).
 
@@ -43,7 +47,7 @@ class PretrainCropDataset(Dataset):
     def __init__(self, store: PreparedStore | str | Path, *, crop_size: Triple,
                  data: DataConfig, seed: int, length: int = 10**9) -> None:
         self.store = store if isinstance(store, PreparedStore) else PreparedStore.open(store)
-        why = config_mismatch(self.store.data_config, data)
+        why = config_mismatch(self.store.data_config, data, reading=True)
         if why:
             raise ValueError(f"{self.store.root}: store does not fit the data config ({why}); "
                              "prepare the data with this preset or use the store's settings")
@@ -55,6 +59,18 @@ class PretrainCropDataset(Dataset):
         self.data = data
         self.seed = int(seed)
         self.length = int(length)
+        self._log_store_facts()
+
+    def _log_store_facts(self) -> None:
+        """Say at which spacing training runs and how many cases get padded crops."""
+        if self.data.spacing is None:
+            logger.info("%s: no resampling requested; training at the store's spacing %s",
+                        self.store.root, self.store.data_config.get("spacing") or "native")
+        small = int((self.store.index.shapes < np.asarray(self.crop_size)).any(axis=1).sum())
+        if small:
+            logger.warning("%s: %d of %d cases are smaller than the crop %s; their crops are "
+                           "padded (prepare with --min-size to quarantine them)",
+                           self.store.root, small, len(self.store), self.crop_size)
 
     def __len__(self) -> int:
         return self.length
@@ -71,7 +87,7 @@ class PretrainCropDataset(Dataset):
             raise IndexError(f"sample index must be >= 0, got {index}")
         rng = np.random.default_rng([self.seed, int(index)])
         case = int(rng.integers(len(self.store)))
-        shape = self.store.cases[case].shape
+        shape = self.store.shape(case)
         if not self.data.body_aware:
             return case, self._draw_start(rng, shape), float("nan")
         best_start, best_frac = None, -1.0
@@ -94,11 +110,11 @@ class PretrainCropDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         """Sample ``index`` as a float32 tensor of shape (1, *crop_size)."""
         case, start, _ = self.crop_spec(index)
-        record = self.store.cases[case]
+        stats = self.store.stats(case)
         # Air for CT windows; for MRI-style normalisations the volume minimum is "background".
-        pad = AIR_HU if self.data.normalization == "window" else record.hu_min
+        pad = AIR_HU if self.data.normalization == "window" else stats.hu_min
         crop = self.store.read_crop(case, start, self.crop_size, pad_value=pad)
-        out = normalize(crop, self.data, record=record)
+        out = normalize(crop, self.data, record=stats)
         return torch.from_numpy(out)[None]
 
 

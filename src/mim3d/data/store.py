@@ -1,151 +1,84 @@
-"""The prepared store: CT volumes read once, kept as raw int16 HU, cropped by partial reads.
+"""The prepared store: CT volumes read once, kept as int16 HU, cropped by partial reads.
 
 Layout of a store folder (written by :func:`mim3d.data.prepare.prepare`)::
 
-    STORE/store.json          format version + the DataConfig used to prepare it
+    STORE/store.json          format version, array format + its settings, the DataConfig used
     STORE/manifest.jsonl      one JSON object (a :class:`CaseRecord`) per prepared case
     STORE/quarantine.jsonl    one JSON object per unusable source: name, source, reason
-    STORE/cases/<name>/image.npy   int16 HU, (X, Y, Z) in RAS order, C-contiguous
-    STORE/cases/<name>/label.npy   optional label map on the same grid (uint8 or int16)
-    STORE/cases/<name>/body.npy    float32 body fraction per BODY_CELL^3-voxel cell
+    STORE/cases/<name>/image.b2nd|.npy   int16 HU, (X, Y, Z) in RAS order
+    STORE/cases/<name>/label.b2nd|.npy   optional label map on the same grid (uint8 or int16)
+    STORE/cases/<name>/body.npy          float32 body fraction per BODY_CELL^3-voxel cell
+    STORE/cases/<name>/record.json       the case's manifest record + its chunk digests
 
-Plain ``.npy`` files need no extra dependency and give partial reads: a crop reads only the
-(y, z) blocks of the x-planes it touches (:func:`read_npy_crop`), and the OS page cache is shared
-by every DataLoader worker and every rank on a node. ``image(i)`` is a read-only memmap for any
-other access. Intensities are windowed on the fly (:func:`normalize`), so one store serves any
-HU window.
+Format version 1 stores (``.npy`` only, no record.json) stay readable. The array format
+(:mod:`mim3d.data.formats`) is ``npy`` or the compressed, chunked ``blosc2``; both give partial
+reads, so a crop reads only what it touches. Intensities are windowed on the fly
+(:func:`normalize`), so one store serves any HU window. A store may live behind an fsspec URL
+(:mod:`mim3d.data.remote`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mim3d.config import DataConfig, to_dict
+from mim3d.data.body import BODY_CELL, body_cells, body_mask
+from mim3d.data.crops import AIR_HU, crop_array, read_npy_crop
+from mim3d.data.formats import ArrayFormat, DamagedArrayError, array_format
+from mim3d.data.intensity import minmax, normalize, window_hu, zscore
+from mim3d.data.manifest import (
+    MANIFEST,
+    QUARANTINE,
+    CaseIndex,
+    CaseRecord,
+    CaseStats,
+    read_manifest,
+    read_quarantine,
+)
+from mim3d.data.remote import StoreFiles, is_remote
 
 __all__ = [
-    "AIR_HU", "BODY_CELL", "FORMAT_VERSION", "PREPARE_KEYS", "CaseRecord", "PreparedStore",
-    "body_cells", "body_mask", "config_mismatch", "crop_array", "minmax", "normalize",
-    "read_manifest", "read_npy_crop", "read_quarantine", "window_hu", "zscore",
+    "AIR_HU", "BODY_CELL", "DEFAULT_FORMAT", "FORMAT_VERSION", "PREPARE_KEYS", "CaseRecord",
+    "DamagedArrayError", "PreparedStore", "body_cells", "body_mask", "config_mismatch",
+    "crop_array", "is_remote", "minmax", "normalize", "read_manifest", "read_npy_crop",
+    "read_quarantine", "read_store_info", "window_hu", "zscore",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMAT_NAME = "mim3d-prepared-store"
-BODY_CELL = 8  # voxels per side of one body.npy cell
-AIR_HU = -1000
-MANIFEST = "manifest.jsonl"
-QUARANTINE = "quarantine.jsonl"
+#: Array format of new stores, set by the measurement in benchmarks/data_throughput.py.
+DEFAULT_FORMAT = "npy"
 STORE_JSON = "store.json"
 CASES_DIR = "cases"
+RECORD_JSON = "record.json"
 # DataConfig fields that are baked into the stored arrays. The others (window, normalisation,
 # body-aware crop thresholds) are applied when crops are read, so they may differ between runs.
 PREPARE_KEYS = ("spacing", "body_hu")
-_MAX_OPEN_MAPS = 128  # bounded: 10k+ cases would otherwise exhaust vm.max_map_count
+_MAX_OPEN = 64  # open maps / blosc2 files: bounded, 10k+ cases would exhaust fds and map count
 
 
-@dataclass
-class CaseRecord:
-    """One manifest line: what was prepared from which source.
+def config_mismatch(stored: dict[str, Any], data: DataConfig, *,
+                    reading: bool = False) -> str | None:
+    """Describe how ``data`` differs from a store's DataConfig in the baked-in fields, or None.
 
-    Attributes:
-        name: unique case name (the folder under ``cases/``).
-        source: image path (file or DICOM folder) it was read from.
-        label_source: label path, or None.
-        shape: (X, Y, Z) of the stored arrays.
-        spacing: voxel size in mm along the array axes.
-        affine: 4x4 voxel-to-world RAS+ mm matrix of the stored grid (nested lists).
-        hu_min, hu_max: value range of the stored int16 image.
-        hu_mean, hu_std: mean and standard deviation of the stored image (for z-score).
-        sha256: hex digest of the C-order int16 image bytes.
-        has_label: whether ``label.npy`` exists.
-        body_fraction: share of voxels in the body mask (table removed).
-        prepared: UTC time the case was written (ISO 8601).
+    Args:
+        stored: the store's DataConfig as a dict.
+        data: the requested preprocessing.
+        reading: judge a store to train on rather than one to prepare into: a request for no
+            resampling (``spacing=None``) then accepts a store at any spacing.
     """
-
-    name: str
-    source: str
-    label_source: str | None
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    affine: list[list[float]]
-    hu_min: int
-    hu_max: int
-    hu_mean: float
-    hu_std: float
-    sha256: str
-    has_label: bool
-    body_fraction: float
-    prepared: str
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-safe dict (tuples become lists)."""
-        out = asdict(self)
-        out["shape"] = list(self.shape)
-        out["spacing"] = list(self.spacing)
-        return out
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> CaseRecord:
-        """Build from a manifest object; unknown keys (newer writers) are ignored."""
-        kwargs = {f.name: obj[f.name] for f in fields(cls)}
-        kwargs["shape"] = tuple(int(v) for v in kwargs["shape"])
-        kwargs["spacing"] = tuple(float(v) for v in kwargs["spacing"])
-        return cls(**kwargs)
-
-    @property
-    def source_key(self) -> tuple[str, str | None]:
-        """What "the same source" means for resuming: image and label paths."""
-        return (self.source, self.label_source)
-
-
-def read_manifest(path: str | Path) -> list[CaseRecord]:
-    """Read ``manifest.jsonl``; a later line for the same name replaces an earlier one.
-
-    A line that is not a complete record (a crash while appending) is ignored: its case is not
-    prepared and the next ``prepare`` redoes it.
-    """
-    records: dict[str, CaseRecord] = {}
-    p = Path(path)
-    if not p.is_file():
-        return []
-    with open(p, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rec = CaseRecord.from_json(json.loads(line))
-            except (ValueError, KeyError, TypeError):
-                continue
-            records.pop(rec.name, None)  # re-insert so order follows the latest write
-            records[rec.name] = rec
-    return list(records.values())
-
-
-def read_quarantine(path: str | Path) -> list[dict[str, Any]]:
-    """Entries of ``quarantine.jsonl`` (name, source, label, reason, time), one per source."""
-    out: dict[str, dict[str, Any]] = {}
-    p = Path(path)
-    if p.is_file():
-        for line in p.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-                out[entry["source"]] = entry
-            except (ValueError, KeyError, TypeError):
-                continue
-    return list(out.values())
-
-
-def config_mismatch(stored: dict[str, Any], data: DataConfig) -> str | None:
-    """Describe how ``data`` differs from a store's DataConfig in the baked-in fields, or None."""
     wanted = to_dict(data)
     diffs = []
     for key in PREPARE_KEYS:
         have, want = stored.get(key), wanted.get(key)
+        if reading and key == "spacing" and want is None:
+            continue
         same = (have is None and want is None) or (
             have is not None and want is not None
             and np.allclose(np.asarray(have, float), np.asarray(want, float), rtol=0, atol=1e-6))
@@ -154,88 +87,152 @@ def config_mismatch(stored: dict[str, Any], data: DataConfig) -> str | None:
     return "; ".join(diffs) if diffs else None
 
 
-class PreparedStore:
-    """Read access to a prepared store folder (see the module docstring for the layout).
+def read_store_info(files: StoreFiles) -> dict[str, Any]:
+    """``store.json`` of a store, checked to be one this mim3d can read.
 
-    ``cases`` are sorted by name. Arrays are opened lazily as read-only memory maps and a bounded
-    number stay open. The object pickles without its maps, so it can go to spawned DataLoader
-    workers.
+    Raises:
+        ValueError: (one line) not a store, not valid JSON, or written by a newer mim3d.
+    """
+    where = files.location
+    try:
+        meta = files.path(STORE_JSON, refresh=True)
+    except FileNotFoundError:
+        meta = Path(where) / STORE_JSON
+    if not meta.is_file():
+        raise ValueError(f"{where}: not a prepared store (no {STORE_JSON}); "
+                         "create one with `mim3d prepare INPUT... --out STORE`")
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{meta}: not valid JSON ({err}); prepare the store again") from None
+    version = info.get("version")
+    if info.get("format") != FORMAT_NAME or not isinstance(version, int):
+        raise ValueError(f"{where}: {STORE_JSON} is not a {FORMAT_NAME!r} description")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{where}: store format version {version} was written by a newer mim3d "
+                         f"(this one reads versions 1-{FORMAT_VERSION}); upgrade mim3d")
+    info.setdefault("array_format", "npy")  # version 1 knew only .npy
+    array_format(info["array_format"], info.get("format_params"))  # unknown -> clear error
+    return info
+
+
+class PreparedStore:
+    """Read access to a prepared store (see the module docstring for the layout).
+
+    Cases are sorted by name and described by a compact :class:`CaseIndex`; full records are
+    read from the manifest on demand (``cases[i]``). Array files are opened lazily and a bounded
+    number stay open. The object pickles without its open files, so it can go to DataLoader
+    workers, and what it carries per case is a few numbers, not the manifest.
     """
 
-    def __init__(self, root: Path, info: dict[str, Any], cases: list[CaseRecord]) -> None:
-        self.root = root
+    def __init__(self, files: StoreFiles, info: dict[str, Any], index: CaseIndex,
+                 manifest: Path) -> None:
+        self.files = files
         self.info = info
-        self.cases = cases
-        self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self.index = index
+        self.manifest = manifest
+        self.format: ArrayFormat = array_format(info["array_format"], info.get("format_params"))
+        self._open: OrderedDict[tuple[int, str], Any] = OrderedDict()
+        self._records: OrderedDict[int, CaseRecord] = OrderedDict()
 
     @classmethod
-    def open(cls, path: str | Path) -> PreparedStore:
-        """Open a store folder.
+    def open(cls, location: str | Path,
+             storage_options: dict[str, Any] | None = None) -> PreparedStore:
+        """Open a store folder or fsspec URL.
 
         Raises:
-            ValueError: (one line) the folder is not a store, has an unknown format version,
-                or holds no prepared case.
+            ValueError: (one line) not a store, a newer format, an unreachable remote store, or
+                no prepared case.
         """
-        root = Path(path)
-        meta = root / STORE_JSON
-        if not meta.is_file():
-            raise ValueError(f"{root}: not a prepared store (no {STORE_JSON}); "
-                             "create one with `mim3d prepare INPUT... --out STORE`")
+        files = StoreFiles(location, storage_options)
+        info = read_store_info(files)
         try:
-            info = json.loads(meta.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise ValueError(f"{meta}: not valid JSON ({err}); prepare the store again") from None
-        if info.get("format") != FORMAT_NAME or info.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{root}: store format {info.get('format')!r} version "
-                             f"{info.get('version')!r} is not {FORMAT_NAME!r} v{FORMAT_VERSION}")
-        # Sorted by name, not by the order workers finished: case i is then the same case for
-        # any store prepared from the same inputs, and so is the crop of a (seed, index).
-        cases = sorted(read_manifest(root / MANIFEST), key=lambda rec: rec.name)
-        if not cases:
-            raise ValueError(f"{root}: the store holds no prepared case (see "
+            manifest = files.path(MANIFEST, refresh=True)
+        except FileNotFoundError:
+            manifest = Path(files.location) / MANIFEST
+        index = CaseIndex.from_manifest(manifest) if manifest.is_file() else None
+        if index is None or len(index) == 0:
+            raise ValueError(f"{files.location}: the store holds no prepared case (see "
                              f"{QUARANTINE} for the reasons); prepare usable images into it")
-        return cls(root, info, cases)
+        return cls(files, info, index, manifest)
+
+    @property
+    def root(self) -> Path | str:
+        """The store folder (a ``Path``) or its URL (a ``str``) for a remote store."""
+        return self.files.location if self.files.remote else Path(self.files.location)
 
     @property
     def data_config(self) -> dict[str, Any]:
         """The DataConfig (as a dict) the store was prepared with."""
         return dict(self.info.get("data", {}))
 
+    @property
+    def cases(self) -> _Cases:
+        """The full records, sorted by name (``len``, indexing, iteration)."""
+        return _Cases(self)
+
     def __len__(self) -> int:
-        return len(self.cases)
+        return len(self.index)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_maps"] = OrderedDict()  # a pickled memmap would copy the whole array
+        state["_open"] = OrderedDict()  # a pickled memmap would copy the whole array
+        state["_records"] = OrderedDict()
         return state
 
+    def record(self, i: int) -> CaseRecord:
+        """The manifest record of case ``i`` (a few recent ones are kept)."""
+        rec = self._records.get(i)
+        if rec is None:
+            rec = self.index.record(self.manifest, i)
+            self._records[i] = rec
+            if len(self._records) > _MAX_OPEN:
+                self._records.popitem(last=False)
+        return rec
+
+    def shape(self, i: int) -> tuple[int, int, int]:
+        """(X, Y, Z) of case ``i``."""
+        return tuple(int(n) for n in self.index.shapes[i])
+
+    def stats(self, i: int) -> CaseStats:
+        """hu_min, hu_max, hu_mean, hu_std of case ``i``."""
+        return self.index.case_stats(i)
+
     def case_dir(self, i: int) -> Path:
-        """Folder of case ``i``."""
-        return self.root / CASES_DIR / self.cases[i].name
+        """Local folder of case ``i`` (the cache folder for a remote store)."""
+        return self.files.cache / CASES_DIR / self.index.name(i)
 
-    def _map(self, i: int, kind: str) -> np.ndarray:
+    def array_path(self, i: int, kind: str) -> Path:
+        """Local path of case ``i``'s ``image``, ``label`` or ``body`` file (fetched if remote)."""
+        suffix = ".npy" if kind == "body" else self.format.suffix
+        rel = f"{CASES_DIR}/{self.index.name(i)}/{kind}{suffix}"
+        return self.files.path(rel, version=self.index.tag(i))
+
+    def _handle(self, i: int, kind: str) -> Any:
         key = (i, kind)
-        arr = self._maps.get(key)
-        if arr is None:
-            arr = np.load(self.case_dir(i) / f"{kind}.npy", mmap_mode="r")
-            self._maps[key] = arr
-            if len(self._maps) > _MAX_OPEN_MAPS:
-                self._maps.popitem(last=False)
+        handle = self._open.get(key)
+        if handle is None:
+            fmt = array_format("npy") if kind == "body" else self.format
+            handle = fmt.open(self.array_path(i, kind))
+            self._open[key] = handle
+            if len(self._open) > _MAX_OPEN:
+                self._open.popitem(last=False)
         else:
-            self._maps.move_to_end(key)
-        return arr
+            self._open.move_to_end(key)
+        return handle
 
-    def image(self, i: int) -> np.memmap:
-        """Read-only memory map of case ``i``'s int16 HU image, shape (X, Y, Z)."""
-        return self._map(i, "image")
+    def image(self, i: int) -> Any:
+        """Read handle of case ``i``'s int16 HU image (X, Y, Z): a read-only memmap for
+        ``npy`` stores, a blosc2 array for ``blosc2`` stores; both slice like numpy."""
+        return self._handle(i, "image")
 
-    def label(self, i: int) -> np.memmap | None:
-        """Read-only memory map of case ``i``'s label map (X, Y, Z), or None without a label."""
-        return self._map(i, "label") if self.cases[i].has_label else None
+    def label(self, i: int) -> Any | None:
+        """Read handle of case ``i``'s label map (X, Y, Z), or None without a label."""
+        return self._handle(i, "label") if self.index.has_label[i] else None
 
     def body(self, i: int) -> np.ndarray:
         """Body fraction per cell, float32 of shape ceil((X, Y, Z) / BODY_CELL)."""
-        return self._map(i, "body")
+        return self._handle(i, "body")
 
     def read_crop(self, i: int, start: Sequence[int], size: Sequence[int],
                   pad_value: int = AIR_HU) -> np.ndarray:
@@ -249,9 +246,12 @@ class PreparedStore:
 
         Returns:
             int16 array of shape ``size``.
+
+        Raises:
+            DamagedArrayError: (one line, naming the file) the image cannot be read back.
         """
-        return read_npy_crop(self.case_dir(i) / "image.npy", start, size, pad_value,
-                             header=self.image(i))
+        handle = self.image(i)
+        return self.format.read_crop(handle, self.array_path(i, "image"), start, size, pad_value)
 
     def crop_body_fraction(self, i: int, start: Sequence[int], size: Sequence[int]) -> float:
         """Share of body voxels in a box, judged from body.npy only (outside counts as air).
@@ -259,7 +259,7 @@ class PreparedStore:
         Each cell contributes its body fraction times the number of its voxels inside the box,
         which is exact when body voxels are spread evenly within a cell.
         """
-        shape = self.cases[i].shape
+        shape = self.shape(i)
         body = self.body(i)
         sel, weights = [], []
         for ax in range(3):
@@ -280,201 +280,22 @@ class PreparedStore:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"shard: need 0 <= rank < world_size, got rank={rank}, "
                              f"world_size={world_size}")
-        return list(range(rank, len(self.cases), world_size))
+        return list(range(rank, len(self), world_size))
 
 
-def crop_array(arr: np.ndarray, start: Sequence[int], size: Sequence[int],
-               pad_value: float) -> np.ndarray:
-    """Copy a box out of a 3D array (or memory map), filling the part outside it.
+class _Cases(Sequence[CaseRecord]):
+    """``store.cases``: records read from the manifest only when indexed."""
 
-    Args:
-        arr: array of shape (X, Y, Z).
-        start: first voxel of the box; may be negative.
-        size: box size; may extend past the array.
-        pad_value: value outside the array.
+    def __init__(self, store: PreparedStore) -> None:
+        self._store = store
 
-    Returns:
-        A new array of shape ``size`` and ``arr``'s dtype.
-    """
-    size = tuple(int(s) for s in size)
-    box = _box(start, size, arr.shape)
-    if box is None:
-        return np.full(size, pad_value, dtype=arr.dtype)
-    return _place(arr[box[0]], size, box[1], pad_value)
+    def __len__(self) -> int:
+        return len(self._store)
 
+    def __getitem__(self, i: int) -> CaseRecord:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"case index {i} out of range for {len(self)} cases")
+        return self._store.record(i % len(self))
 
-def read_npy_crop(path: str | Path, start: Sequence[int], size: Sequence[int],
-                  pad_value: float = AIR_HU, *, header: np.ndarray | None = None) -> np.ndarray:
-    """Read a box of a C-order 3D .npy file, reading only the rows the box touches.
-
-    One ``pread`` per x-plane fetches the box's contiguous (y, all z) block, so the bytes read
-    are about (box x) * (box y) * Z, and the kernel's readahead never pulls in the whole file
-    (page faults on a memmap do when ``read_ahead_kb`` is large, as on many cloud VMs). Falls
-    back to memmap slicing where ``os.preadv`` is missing (Windows) or the file is not C-order.
-
-    Args:
-        path: the .npy file.
-        start, size, pad_value: as in :func:`crop_array`.
-        header: the file already opened with ``np.load(path, mmap_mode="r")`` (saves parsing).
-
-    Returns:
-        A new array of shape ``size`` and the file's dtype.
-    """
-    mm = np.load(path, mmap_mode="r") if header is None else header
-    size = tuple(int(s) for s in size)
-    if not hasattr(os, "preadv") or mm.ndim != 3 or not mm.flags.c_contiguous:
-        return crop_array(mm, start, size, pad_value)
-    box = _box(start, size, mm.shape)
-    if box is None:
-        return np.full(size, pad_value, dtype=mm.dtype)
-    (sx, sy, sz), (_, n_y, n_z) = box[0], mm.shape
-    block = np.empty((sx.stop - sx.start, sy.stop - sy.start, n_z), dtype=mm.dtype)
-    row = n_z * mm.dtype.itemsize
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for k, x in enumerate(range(sx.start, sx.stop)):
-            _pread_into(fd, memoryview(block[k]).cast("B"), mm.offset + (x * n_y + sy.start) * row)
-    finally:
-        os.close(fd)
-    if sz == slice(0, n_z) and block.shape == size:
-        return block  # the box spans every z: the block is the crop, no second copy
-    return _place(block[:, :, sz], size, box[1], pad_value)
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from ``offset`` (preadv may return fewer bytes than asked)."""
-    done = 0
-    while done < view.nbytes:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"short read at byte {offset + done}: the .npy file is truncated")
-        done += n
-
-
-def _box(start: Sequence[int], size: tuple[int, ...],
-         shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
-    """Source (in the array) and destination (in the box) slices; None if they do not meet."""
-    src, dst = [], []
-    for ax in range(3):
-        lo = max(int(start[ax]), 0)
-        hi = min(int(start[ax]) + size[ax], shape[ax])
-        if hi <= lo:
-            return None
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - int(start[ax]), hi - int(start[ax])))
-    return tuple(src), tuple(dst)
-
-
-def _place(inside: np.ndarray, size: tuple[int, ...], dst: tuple[slice, ...],
-           pad_value: float) -> np.ndarray:
-    if inside.shape == size:  # the usual case: no padding, a single copy
-        return np.array(inside, copy=True)
-    out = np.full(size, pad_value, dtype=inside.dtype)
-    out[dst] = inside
-    return out
-
-
-def body_mask(hu: np.ndarray, body_hu: float,
-              spacing: Sequence[float] | None = None) -> np.ndarray:
-    """Patient body at half resolution, table removed, enclosed air (lungs, gas) included.
-
-    HU > body_hu, opened to cut thin bridges (table pads, cables), largest 3D component kept (drops
-    the table and outside objects), then holes filled slice by slice so lungs and bowel gas count
-    as body. Half resolution is plenty for an 8-voxel cell grid and 8x cheaper.
-
-    Args:
-        hu: (X, Y, Z) image in HU.
-        body_hu: body threshold.
-        spacing: voxel size in mm; sets the opening radius to about 4 mm (2 half-res voxels
-            when None).
-
-    Returns:
-        bool array of shape ceil((X, Y, Z) / 2), sampling voxels (2i, 2j, 2k).
-    """
-    from scipy import ndimage  # only prepare needs it; keeps reading the store light
-
-    radius = 2 if spacing is None else int(np.clip(round(4.0 / (2 * min(spacing))), 1, 3))
-    sub = np.asarray(hu[::2, ::2, ::2]) > body_hu
-    # Edge padding: the body goes on past the field of view, the scan border is not air.
-    opened = ndimage.binary_opening(np.pad(sub, radius, mode="edge"), iterations=radius,
-                                    structure=ndimage.generate_binary_structure(3, 1))
-    opened = opened[radius:-radius, radius:-radius, radius:-radius]
-    labels, n = ndimage.label(opened)
-    if n == 0:
-        return opened
-    counts = np.bincount(labels.ravel())
-    counts[0] = 0
-    body = labels == int(np.argmax(counts))
-    # In-plane connectivity only, and one empty slice above and below, so each axial slice is
-    # filled on its own (the trachea would connect the lungs to the border in 3D).
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    filled = ndimage.binary_fill_holes(np.pad(body, ((0, 0), (0, 0), (1, 1))), in_plane)
-    return filled[:, :, 1:-1]
-
-
-def body_cells(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Body fraction per BODY_CELL^3 cell of the full grid from a half-resolution mask.
-
-    Args:
-        mask: output of :func:`body_mask`.
-        shape: full-resolution (X, Y, Z).
-
-    Returns:
-        float32 of shape ceil(shape / BODY_CELL); edge cells count only their real voxels.
-    """
-    half = BODY_CELL // 2
-    cells = [-(-int(n) // BODY_CELL) for n in shape]
-    padded = np.zeros([c * half for c in cells], dtype=np.float32)
-    count = np.zeros_like(padded)
-    region = tuple(slice(0, n) for n in mask.shape)
-    padded[region] = mask
-    count[region] = 1.0
-    blocks = (cells[0], half, cells[1], half, cells[2], half)
-    body = padded.reshape(blocks).sum(axis=(1, 3, 5))
-    total = count.reshape(blocks).sum(axis=(1, 3, 5))
-    return (body / np.maximum(total, 1.0)).astype(np.float32)
-
-
-def window_hu(arr: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
-    """Map HU linearly so ``hu_window`` becomes [0, 1], clipping outside. Returns float32."""
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    out = np.array(arr, dtype=np.float32, copy=True)  # one allocation, then in place
-    out -= np.float32(lo)
-    out *= np.float32(1.0 / (hi - lo))
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def zscore(arr: np.ndarray, mean: float | None = None, std: float | None = None) -> np.ndarray:
-    """(arr - mean) / std as float32; mean/std default to the array's own."""
-    out = np.asarray(arr, dtype=np.float32)
-    mean = float(out.mean()) if mean is None else float(mean)
-    std = float(out.std()) if std is None else float(std)
-    return (out - np.float32(mean)) / np.float32(max(std, 1e-6))
-
-
-def minmax(arr: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
-    """Map [vmin, vmax] to [0, 1] (clipped) as float32; bounds default to the array's range."""
-    out = np.asarray(arr, dtype=np.float32)
-    vmin = float(out.min()) if vmin is None else float(vmin)
-    vmax = float(out.max()) if vmax is None else float(vmax)
-    out = (out - np.float32(vmin)) * np.float32(1.0 / max(vmax - vmin, 1e-6))
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def normalize(arr: np.ndarray, data: DataConfig, *, record: CaseRecord | None = None) -> np.ndarray:
-    """Intensity normalisation of ``data.normalization`` (float32, same shape as ``arr``).
-
-    ``window`` clips ``data.hu_window`` to [0, 1]. ``zscore`` and ``minmax`` use the whole
-    volume's statistics from ``record`` when given (so every crop of a case is scaled alike),
-    otherwise those of ``arr`` itself.
-    """
-    if data.normalization == "window":
-        return window_hu(arr, data.hu_window)
-    if data.normalization == "zscore":
-        if record is None:
-            return zscore(arr)
-        return zscore(arr, record.hu_mean, record.hu_std)
-    if record is None:
-        return minmax(arr)
-    return minmax(arr, record.hu_min, record.hu_max)
+    def __iter__(self) -> Iterator[CaseRecord]:
+        return (self[i] for i in range(len(self)))
