@@ -2,9 +2,10 @@
 
 The hybrid encoder's ConvBlocks feed the 5^3 depthwise conv a channels-last view. On an H200,
 cuDNN's channels-last bf16 depthwise *weight-gradient* kernel took 98% of a MiM base step, so
-``mim3d.models.layers.depthwise_conv3d`` now hands cuDNN channels-first memory on CUDA. This
-script measures the library's choice and the four layouts x precisions side by side in one run: the conv alone (fwd+bwd,
-batch 2) and one real ``train_step`` of the ``base`` preset on a 192^3 level-1 crop (21 volumes,
+``depthwise_conv3d`` handed cuDNN channels-first memory on CUDA; since issue 12 the library's
+default there is mim3d's Triton kernel (``library``), cuDNN channels-first is ``library_cudnn``.
+This script measures those and the four cuDNN layouts x precisions side by side in one run: the
+conv alone (fwd+bwd, batch 2) and one real ``train_step`` of the ``base`` preset on a 192^3 level-1 crop (21 volumes,
 bf16 autocast), with ``depthwise_conv3d`` replaced by each variant.
 
     PYTHONPATH=src python3 benchmarks/depthwise_cuda.py        # GPU only, ~1 min
@@ -29,13 +30,13 @@ from mim3d.factory import build_mim, geometry_from_config
 from mim3d.models import layers
 
 OUT = Path(__file__).parent / "results" / "depthwise_cuda.json"
-Conv = Callable[[Tensor, Tensor, Tensor | None, int], Tensor]
+Conv = Callable[[Tensor, Tensor, Tensor | None, int, str], Tensor]
 
 
 def _variant(fp32: bool, channels_last: bool) -> Conv:
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
 
-    def conv(x: Tensor, w: Tensor, b: Tensor | None, padding: int) -> Tensor:
+    def conv(x: Tensor, w: Tensor, b: Tensor | None, padding: int, impl: str = "") -> Tensor:
         dtype = torch.float32 if fp32 else x.dtype
         with torch.autocast("cuda", enabled=False):
             y = F.conv3d(x.to(dtype).contiguous(memory_format=fmt), w.to(dtype),
@@ -74,7 +75,7 @@ def conv_alone(conv: Conv, shape: tuple[int, ...]) -> float:
 
     def once() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):  # as inside the encoder
-            y = conv(x, w, b, 2)
+            y = conv(x, w, b, 2, "auto")
         y.float().sum().backward()
 
     return _median_time(once, 2, 5)
@@ -106,7 +107,10 @@ def main() -> int:
         return 2
     original, results = layers.depthwise_conv3d, {}
     try:
-        for name, conv in {"library": original, **VARIANTS}.items():
+        def cudnn(x: Tensor, w: Tensor, b: Tensor | None, padding: int, impl: str = "") -> Tensor:
+            return original(x, w, b, padding, "cudnn")
+
+        for name, conv in {"library": original, "library_cudnn": cudnn, **VARIANTS}.items():
             step_s, peak = mim_step(conv)
             results[name] = {"dw_2x48x48^3_s": conv_alone(conv, (2, 48, 48, 48, 48)),
                              "dw_2x96x24^3_s": conv_alone(conv, (2, 96, 24, 24, 24)),

@@ -69,11 +69,12 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mim3d.config import load_config
+from mim3d.data.views import make_two_views
 from mim3d.factory import build_mim, geometry_from_config
-from mim3d.losses import reconstruction_loss
+from mim3d.losses import reconstruction_loss, swin_ssl_loss
 from mim3d.masking import LevelMasks, patchify, sample_levels
 from mim3d.models.mim import unit_means
-from mim3d.models.swinssl import SwinSSL, make_two_views, swin_ssl_loss
+from mim3d.models.swinssl import SwinSSL
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # per mode: MiM preset, (preset, overrides) of the cases built from a config, SwinSSL input and

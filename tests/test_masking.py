@@ -248,7 +248,8 @@ def test_levels_to_json_schema_and_ids():
     doc = levels_to_json(levels, geo, sample=1)
     json.dumps(doc)  # plain JSON types only
     assert list(doc) == ["levels"] and len(doc["levels"]) == 3
-    keys = ["level", "crop_size", "token_grid", "unit_tokens", "mask_ratio", "volumes"]
+    keys = ["level", "crop_size", "token_grid", "unit_tokens", "mask_ratio", "n_units",
+            "n_masked", "effective_mask_ratio", "volumes"]
     for lvl, entry in enumerate(doc["levels"]):
         assert list(entry) == keys and entry["level"] == lvl + 1
         for v in entry["volumes"]:

@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mim3d.models.decoder import MaskedDecoder, official_decoder_key_to_mim3d
+from mim3d.models.decoder import MaskedDecoder
 from mim3d.models.heads import ProjectionHead
 from mim3d.models.hybrid import HybridEncoder, official_key_to_mim3d
 from mim3d.models.layers import (
     ConvBlock,
     DropPath,
-    LayerNorm3d,
     depthwise_conv3d,
     patch_linear,
     sincos_pos_embed_3d,
@@ -124,13 +123,10 @@ def test_depthwise_conv_gradients(channels_last: bool) -> None:
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_layernorm3d_and_convblock_layouts() -> None:
-    """LayerNorm3d is a channel LayerNorm; ConvBlock gives the same result in both layouts."""
+def test_convblock_layouts() -> None:
+    """ConvBlock gives the same result for channels-first and channels-last input."""
     torch.manual_seed(0)
     x = torch.randn(2, 8, 4, 5, 6)
-    ln = LayerNorm3d(8)
-    ref = F.layer_norm(x.movedim(1, -1), (8,)).movedim(-1, 1)
-    torch.testing.assert_close(ln(x), ref)
     blk = ConvBlock(8).eval()
     mask = (torch.rand(2, 1, 4, 5, 6) > 0.5).float()
     out_cf = blk(x, mask)
@@ -308,19 +304,6 @@ def test_official_encoder_keys_map(base_encoder: HybridEncoder) -> None:
         total += math.prod(shape) if name != "pos_embed" else 0
     assert len(set(mapped.values())) == len(mapped) == len(ours)  # a bijection
     assert total == OFFICIAL_ENCODER_PARAMS
-
-
-def test_official_decoder_keys_map() -> None:
-    """Every official decoder key maps onto MaskedDecoder with the same shape."""
-    torch.manual_seed(0)
-    ours = MaskedDecoder(encoder_dim=384).state_dict()
-    hits = 0
-    for name, shape in _official_keys():
-        target = official_decoder_key_to_mim3d(name)
-        if target is not None:
-            assert tuple(ours[target].shape) == shape, name
-            hits += 1
-    assert hits == len(ours)
 
 
 # ----------------------------------------------------------------------------- decoder, heads

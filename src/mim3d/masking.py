@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 __all__ = [  # noqa: RUF022 - grouped: types, then functions in pipeline order
-    "GeometryError", "LevelGeometry", "LevelMasks", "patchify", "unpatchify", "build_geometry",
+    "RESIZE_MODES", "GeometryError", "LevelGeometry", "LevelMasks", "patchify", "unpatchify",
+    "resize_kind", "build_geometry",
     "unit_mask", "expand_units", "mask_indices", "sample_children", "child_boxes",
     "sample_levels", "levels_to_json",
 ]
@@ -104,6 +105,10 @@ class LevelGeometry:
             something to reconstruct.
         mask_ratio: requested fraction of units to mask, in (0, 1).
         gamma: children per volume drawn into the next level; 0 at the last level.
+        resize: how the level's crops become encoder inputs (see :func:`resize_kind`):
+            ``none`` (S_l == R), ``area`` (block averaging: downsampling, and every resize of
+            the ``nearest`` mode that downsamples), ``trilinear`` (the paper's upsampling) or
+            ``nearest`` (voxel replication: leak-free upsampling).
     """
 
     level: int
@@ -115,6 +120,41 @@ class LevelGeometry:
     n_masked: int
     mask_ratio: float
     gamma: int
+    resize: str = "none"
+
+
+RESIZE_MODES = ("trilinear", "nearest")
+
+
+def resize_kind(level: int, crop: Int3, input_size: Int3, patch: int, mode: str) -> str:
+    """How a level's crops of size ``crop`` are resized to the encoder input ``input_size``.
+
+    ``trilinear`` mode (the paper): area averaging when every axis shrinks (antialiased for any
+    factor), else trilinear. Upsampled tokens then straddle native voxels: the *input* of a
+    visible token shares native voxels with its masked neighbours (DESIGN §9).
+    ``nearest`` mode (leak-free): every factor must be a whole number and an upsampling factor
+    must divide the patch size, so each token covers whole native voxels; resizing is block
+    averaging / voxel replication (``area``, or ``nearest`` when nothing shrinks).
+
+    Raises:
+        GeometryError: ``nearest`` requested where the geometry does not allow it.
+    """
+    if mode not in RESIZE_MODES:
+        raise GeometryError(f"resize_mode={mode!r} must be one of {RESIZE_MODES}")
+    if crop == input_size:
+        return "none"
+    if mode == "trilinear":
+        return "area" if all(c >= r for c, r in zip(crop, input_size)) else "trilinear"
+    for c, r in zip(crop, input_size):
+        if (c >= r and c % r) or (c < r and (r % c or patch % (r // c))):
+            ok = [r // f for f in range(1, patch + 1) if patch % f == 0 and r % f == 0]
+            raise GeometryError(
+                f"resize_mode=nearest: level {level} resizes {crop} to {input_size}; a shrink "
+                f"factor must be a whole number and an enlarging factor a whole number dividing "
+                f"patch_size={patch}, so that tokens cover whole native voxels (axis size "
+                f"{c} -> {r}; choose a crop side from {ok} or a multiple of {r}), or use "
+                "resize_mode=trilinear")
+    return "area" if any(c > r for c, r in zip(crop, input_size)) else "nearest"
 
 
 def _three_ints(name: str, value: Sequence[int]) -> Int3:
@@ -153,7 +193,8 @@ def _n_masked(l: int, n_units: int, ratio: float) -> int:
 
 def build_geometry(*, crop_sizes: Sequence[Sequence[int]], input_size: Sequence[int],
                    patch_size: int, mask_ratios: Sequence[float], gammas: Sequence[int],
-                   source: str = "masked") -> tuple[LevelGeometry, ...]:
+                   source: str = "masked",
+                   resize_mode: str = "trilinear") -> tuple[LevelGeometry, ...]:
     """Validate a multi-level configuration (DESIGN §2) and derive every level's geometry.
 
     Args:
@@ -163,6 +204,8 @@ def build_geometry(*, crop_sizes: Sequence[Sequence[int]], input_size: Sequence[
         mask_ratios: ``L`` mask ratios in (0, 1).
         gammas: ``L - 1`` children per volume.
         source: ``"masked"`` (paper) or ``"unmasked"`` (Table IX ablation) units feed children.
+        resize_mode: ``"trilinear"`` (paper) or ``"nearest"`` (leak-free where the geometry
+            allows it), see :func:`resize_kind`.
 
     Returns:
         One :class:`LevelGeometry` per level.
@@ -203,7 +246,8 @@ def build_geometry(*, crop_sizes: Sequence[Sequence[int]], input_size: Sequence[
                     f"units ({n_masked} of {n_units} masked); use 1 <= gamma <= {avail} or "
                     "change mask_ratios")
         out.append(LevelGeometry(l + 1, sizes[l], grid, k, ugrid, n_units, n_masked,
-                                 float(mask_ratios[l]), gamma))
+                                 float(mask_ratios[l]), gamma,
+                                 resize_kind(l + 1, sizes[l], r, patch_size, resize_mode)))
     return tuple(out)
 
 
@@ -381,8 +425,12 @@ def levels_to_json(levels: list[LevelMasks], geometry: Sequence[LevelGeometry],
     ``[start, stop)`` voxels of the level-1 crop; ``masked_tokens`` are flat raster indices
     ``(i * g1 + j) * g2 + k`` on the level's token grid.
 
+    ``mask_ratio`` is the ratio asked for; masks are drawn in whole units, so
+    ``effective_mask_ratio = n_masked / n_units`` is what the level really hides.
+
     Returns:
         ``{"levels": [{"level", "crop_size", "token_grid", "unit_tokens", "mask_ratio",
+        "n_units", "n_masked", "effective_mask_ratio",
         "volumes": [{"id", "parent", "box", "masked_tokens"}]}]}``.
     """
     out = []
@@ -398,7 +446,9 @@ def levels_to_json(levels: list[LevelMasks], geometry: Sequence[LevelGeometry],
             })
         out.append({"level": geo.level, "crop_size": list(geo.crop_size),
                     "token_grid": list(geo.token_grid), "unit_tokens": list(geo.unit_tokens),
-                    "mask_ratio": geo.mask_ratio, "volumes": vols})
+                    "mask_ratio": geo.mask_ratio, "n_units": geo.n_units,
+                    "n_masked": geo.n_masked, "effective_mask_ratio": geo.n_masked / geo.n_units,
+                    "volumes": vols})
         if geo.gamma:
             current = [(idx * geo.gamma + j, f"{path}.{j}")
                        for idx, path in current for j in range(geo.gamma)]

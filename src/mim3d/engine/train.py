@@ -2,13 +2,19 @@
 
 The step serves every method of :class:`~mim3d.config.PretrainConfig`: MiM and its single-level
 baselines (masks from :func:`~mim3d.masking.sample_levels`) and Swin-UNETR's SSL (two rotated,
-cut-out views from :func:`~mim3d.models.swinssl.make_two_views`). Each micro-batch's random draws
+cut-out views from :func:`~mim3d.data.views.make_two_views`). Each micro-batch's random draws
 come from :func:`step_generator`, so a resumed run redraws exactly what it would have drawn.
+
+The step never waits on the GPU more than once: loss terms are summed on the device, the
+masks travel in one pinned, asynchronous copy per dtype, and a single finite check of the loss
+and the gradient norm is read right before the update. :class:`StepResult` holds device
+tensors; reading one (``float(t)``) is a host sync, so the run loop does it at log intervals.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,10 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from mim3d.config import PretrainConfig
-from mim3d.losses import level_weights, mim_loss
+from mim3d.data.views import SwinSSLViews, make_two_views
+from mim3d.losses import level_weights, mim_loss, swin_ssl_loss
 from mim3d.masking import LevelGeometry, LevelMasks, sample_levels
+from mim3d.models.layers import ConvBlock, TransformerBlock
 from mim3d.models.mim import MiMOutput
-from mim3d.models.swinssl import SwinSSLOutput, SwinSSLViews, make_two_views, swin_ssl_loss
+from mim3d.models.swinssl import SwinSSLOutput
 
 #: The axial plane of a RAS crop (B, C, x, y, z): Swin-UNETR's SSL rotates about the z axis.
 AXIAL_PLANE = (2, 3)
@@ -50,10 +58,17 @@ class SwinSSLStep:
 
 @dataclass
 class StepResult:
-    """Scalars of one optimizer step (averaged over micro-batches) and the last model output."""
+    """Scalars of one optimizer step and the last model output.
 
-    losses: dict[str, float]
-    grad_norm: float
+    Attributes:
+        losses: every loss term, a 0-dim float32 tensor on the model's device, averaged over
+            the micro-batches (``float(v)`` reads it, a host sync).
+        grad_norm: 0-dim tensor, the gradient norm before clipping.
+        output: the last micro-batch's model output (for the pictures).
+    """
+
+    losses: dict[str, Tensor]
+    grad_norm: Tensor
     output: MiMOutput | SwinSSLStep
 
 
@@ -99,9 +114,10 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _all_finite(value: Tensor) -> bool:
-    """Whether ``value`` is finite on every rank (one rank stopping alone would hang DDP)."""
-    flag = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+def _all_finite(flag: Tensor) -> bool:
+    """Read a device flag (True = finite) once; False if any rank's flag is False (one rank
+    stopping alone would hang DDP)."""
+    flag = flag.to(torch.float32).reshape(1)
     if _distributed():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item() > 0)
@@ -148,7 +164,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         NonFiniteLossError: when the loss is NaN/inf (no update is applied).
     """
     accum = cfg.optim.accum_steps
-    totals: dict[str, float] = {}
+    totals: dict[str, Tensor] = {}
     optimizer.zero_grad(set_to_none=True)
     output = None
     for micro in range(accum):
@@ -160,13 +176,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
             else:
                 losses, output = _mim_forward(model, x, generator, cfg, geometry, step, device)
             loss = losses["loss"]
-            if not _all_finite(loss):
-                where = " (on this or another rank)" if _distributed() else ""
-                raise NonFiniteLossError(f"loss is {loss.item()} at step {step + 1}{where}")
             (scaler.scale(loss / accum) if scaler else loss / accum).backward()
-        for k, v in losses.items():
-            totals[k] = totals.get(k, 0.0) + float(v.detach()) / accum
-    grad_norm = clip_and_step(model, optimizer, cfg.optim.grad_clip, scaler, step)
+        for k, v in losses.items():  # on the device: no host sync per term
+            v = v.detach() / accum
+            totals[k] = totals[k] + v if k in totals else v
+    grad_norm = _clip_check_update(model, optimizer, cfg.optim.grad_clip, scaler, step,
+                                   totals["loss"])
     return StepResult(losses=totals, grad_norm=grad_norm, output=output)
 
 
@@ -174,8 +189,8 @@ def _mim_forward(model: nn.Module, x: Tensor, generator: torch.Generator, cfg: P
                  geometry: Sequence[LevelGeometry], step: int,
                  device: torch.device) -> tuple[dict[str, Tensor], MiMOutput]:
     """Masks for every level, the MiM forward and its loss terms."""
-    masks = _to_device(sample_levels(x.shape[0], geometry, generator,
-                                     source=cfg.geometry.source), device)
+    masks = masks_to_device(sample_levels(x.shape[0], geometry, generator,
+                                          source=cfg.geometry.source), device)
     with autocast_context(device, cfg.optim.precision):
         output = model(x, masks)
         return compute_losses(output, cfg, step), output
@@ -197,35 +212,82 @@ def _swinssl_forward(model: nn.Module, x: Tensor, generator: torch.Generator,
     return losses, SwinSSLStep(views, (first.reconstruction, second.reconstruction))
 
 
-def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float,
-                   scaler: torch.amp.GradScaler | None, step: int) -> float:
-    """Clip the gradient norm and apply the update; returns the norm before clipping.
+def _clip_check_update(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float,
+                       scaler: torch.amp.GradScaler | None, step: int,
+                       loss: Tensor | None) -> Tensor:
+    """Clip, check (loss and, without a scaler, the gradient norm) with ONE host read, update.
+
+    Returns:
+        The gradient norm before clipping, a 0-dim device tensor.
 
     Raises:
-        NonFiniteLossError: without a GradScaler, when the gradient is not finite (the update
-            would turn every weight into NaN). With one, the scaler skips such steps itself.
+        NonFiniteLossError: the loss or (without a GradScaler) the gradient norm is not finite;
+            no update is applied. With a scaler, non-finite gradients only skip the update.
     """
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-    if scaler is None and not math.isfinite(float(norm)):  # DDP: gradients agree across ranks
+    flags = ([] if loss is None else [torch.isfinite(loss)]) + (
+        [] if scaler is not None else [torch.isfinite(norm)])  # DDP: gradients agree
+    if flags and not _all_finite(torch.stack(flags).all()):
         optimizer.zero_grad(set_to_none=True)
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLossError(f"loss is {float(loss)} at step {step + 1}")
         raise NonFiniteLossError(f"gradient norm is {float(norm)} at step {step + 1}")
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return float(norm)
+    return norm.detach()
 
 
-def _to_device(masks: list[LevelMasks], device: torch.device) -> list[LevelMasks]:
-    if device.type == "cpu":
-        return masks
-    fields = ("mask", "ids_keep", "ids_mask", "ids_restore", "unit_mask", "boxes", "parent",
-              "parent_unit")
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip: float,
+                  scaler: torch.amp.GradScaler | None, step: int) -> float:
+    """Clip the gradient norm and apply the update; returns the norm before clipping.
+
+    Raises:
+        NonFiniteLossError: without a GradScaler, when the gradient is not finite (the update
+            would turn every weight into NaN). With one, the scaler skips such steps itself.
+    """
+    return float(_clip_check_update(model, optimizer, clip, scaler, step, None))
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` every transformer and conv block in place (``train.compile``).
+
+    Blocks, not the whole model: their shapes are static within a run (one graph per level
+    group), the level loop and the mask bookkeeping stay eager, and a recompiled block never
+    forces the rest to recompile. Returns the number of blocks compiled.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, (TransformerBlock, ConvBlock))]
+    for blk in blocks:
+        blk.compile(dynamic=False)
+    return len(blocks)
+
+
+def masks_to_device(masks: list[LevelMasks], device: torch.device) -> list[LevelMasks]:
+    """Every level's mask tensors on ``device`` (see :func:`packed_copy`); CPU: unchanged."""
+    return masks if device.type == "cpu" else packed_copy(masks, device)
+
+
+def packed_copy(masks: list[LevelMasks], device: torch.device) -> list[LevelMasks]:
+    """Copy all levels' mask tensors to ``device`` in one pinned, asynchronous copy per dtype.
+
+    The masks are drawn on the CPU (a CPU generator keeps runs reproducible on any device);
+    packing them into one buffer per dtype makes two transfers of all levels instead of eight
+    per level, and pinned memory lets the copy overlap the GPU's work.
+    """
+    names = [f.name for f in dataclasses.fields(LevelMasks) if f.name != "level"]
+    parts: dict[torch.dtype, list[Tensor]] = {}
     for m in masks:
-        for name in fields:
-            setattr(m, name, getattr(m, name).to(device, non_blocking=True))
-    return masks
+        for name in names:
+            parts.setdefault(getattr(m, name).dtype, []).append(getattr(m, name).reshape(-1))
+    moved = {}
+    for dtype, ts in parts.items():
+        buf = torch.cat(ts)
+        buf = buf.pin_memory() if device.type == "cuda" else buf
+        moved[dtype] = iter(buf.to(device, non_blocking=True).split([t.numel() for t in ts]))
+    return [dataclasses.replace(m, **{n: next(moved[getattr(m, n).dtype]).view(
+        getattr(m, n).shape) for n in names}) for m in masks]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,7 +10,7 @@ from torch import Tensor, nn
 
 from mim3d.models.layers import TransformerBlock, init_weights, sincos_pos_embed_3d
 
-__all__ = ["DecoderOutput", "MaskedDecoder", "official_decoder_key_to_mim3d"]
+__all__ = ["DecoderOutput", "MaskedDecoder"]
 
 
 @dataclass
@@ -68,6 +67,25 @@ class MaskedDecoder(nn.Module):
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def _unshuffle(self, tokens: Tensor, ids_restore: Tensor) -> Tensor:
+        """Embed (B, N_vis, E), add mask tokens, put into raster order: (B, N, dim)."""
+        b, m, _ = tokens.shape
+        if ids_restore.shape != (b, self.num_tokens) or ids_restore.dtype != torch.long:
+            raise ValueError(f"ids_restore must be Long (B={b}, N={self.num_tokens}), "
+                             f"got {ids_restore.dtype} {tuple(ids_restore.shape)}")
+        if m > self.num_tokens:
+            raise ValueError(f"got {m} visible tokens for a grid of {self.num_tokens}")
+        x = self.embed(tokens)
+        x = torch.cat([x, self.mask_token.expand(b, self.num_tokens - m, -1)], dim=1)
+        return torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, self.dim))
+
+    def _decode(self, x: Tensor) -> DecoderOutput:
+        x = x + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        features = self.norm(x)
+        return DecoderOutput(pred=self.pred(features), features=features)
+
     def forward(self, tokens: Tensor, ids_restore: Tensor) -> DecoderOutput:
         """Decode.
 
@@ -78,41 +96,18 @@ class MaskedDecoder(nn.Module):
         Returns:
             :class:`DecoderOutput` with pred (B, N, out_dim) and features (B, N, dim).
         """
-        b, m, _ = tokens.shape
-        if ids_restore.shape != (b, self.num_tokens) or ids_restore.dtype != torch.long:
-            raise ValueError(f"ids_restore must be Long (B={b}, N={self.num_tokens}), "
-                             f"got {ids_restore.dtype} {tuple(ids_restore.shape)}")
-        if m > self.num_tokens:
-            raise ValueError(f"got {m} visible tokens for a grid of {self.num_tokens}")
-        x = self.embed(tokens)
-        x = torch.cat([x, self.mask_token.expand(b, self.num_tokens - m, -1)], dim=1)
-        x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, self.dim))
-        x = x + self.pos_embed
-        for blk in self.blocks:
-            x = blk(x)
-        features = self.norm(x)
-        return DecoderOutput(pred=self.pred(features), features=features)
+        return self._decode(self._unshuffle(tokens, ids_restore))
 
+    def forward_levels(self, tokens: Sequence[Tensor],
+                       ids_restore: Sequence[Tensor]) -> DecoderOutput:
+        """Decode several mask groups (different visible counts) in one pass over all tokens.
 
-_DECODER_PARTS = {"norm1": "norm1", "norm2": "norm2", "attn.qkv": "attn.qkv",
-                  "attn.proj": "attn.out_proj", "mlp.fc1": "mlp.linear1", "mlp.fc2": "mlp.linear2"}
-_BLOCK_RE = re.compile(r"decoder_blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1"
-                       r"|mlp\.fc2)\.(weight|bias)")
-_SIMPLE = {"mask_token": "mask_token", "decoder_pos_embed": "pos_embed"}
-_SIMPLE_PREFIX = {"decoder_embed": "embed", "decoder_norm": "norm", "decoder_pred": "pred"}
+        Args:
+            tokens: per group (B_l, N_l, E) encoder outputs.
+            ids_restore: per group (B_l, N) Long.
 
-
-def official_decoder_key_to_mim3d(name: str) -> str | None:
-    """Map a decoder key of the authors' released checkpoint to a :class:`MaskedDecoder` key.
-
-    Pure renames with identical shapes. Returns None for non-decoder keys.
-    """
-    if name in _SIMPLE:
-        return _SIMPLE[name]
-    prefix, _, leaf = name.rpartition(".")
-    if prefix in _SIMPLE_PREFIX and leaf in ("weight", "bias"):
-        return f"{_SIMPLE_PREFIX[prefix]}.{leaf}"
-    match = _BLOCK_RE.fullmatch(name)
-    if match is not None:
-        return f"blocks.{match[1]}.{_DECODER_PARTS[match[2]]}.{match[3]}"
-    return None
+        Returns:
+            :class:`DecoderOutput` over the groups stacked in order: (sum B_l, N, ...).
+        """
+        return self._decode(torch.cat([self._unshuffle(t, r)
+                                       for t, r in zip(tokens, ids_restore)]))

@@ -26,16 +26,20 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mim3d.models.layers import (
+    DEPTHWISE_IMPLS,
     ConvBlock,
     TransformerBlock,
     init_weights,
     patch_linear,
+    run_grouped,
     sincos_pos_embed_3d,
 )
 
-__all__ = ["HybridEncoder", "PatchMerge", "official_key_to_mim3d"]
+__all__ = ["CONV_RECOMPUTE", "HybridEncoder", "PatchMerge", "official_key_to_mim3d"]
 
 _NORM_EPS = 1e-6  # as in MAE / ConvMAE, so imported official weights behave the same
+#: ``auto``: recompute the conv blocks in backward on CUDA only; ``always`` / ``never`` on every device.
+CONV_RECOMPUTE = ("auto", "always", "never")
 
 
 class PatchMerge(nn.Module):
@@ -57,9 +61,11 @@ class PatchMerge(nn.Module):
         self.norm = nn.LayerNorm(out_channels, eps=_NORM_EPS)
         self.act = nn.GELU()
 
-    def forward(self, x_cl: Tensor, index: Tensor | None = None) -> Tensor:
-        """(B, D, H, W, C) -> (B, D/k, H/k, W/k, C_out), or (B, M, C_out) for ``index`` (B, M)."""
-        y = patch_linear(x_cl, self.proj.weight, self.proj.bias, self.k, index)
+    def forward(self, x_cl: Tensor, index: Tensor | None = None,
+                rows: Tensor | None = None) -> Tensor:
+        """(B, D, H, W, C) -> (B, D/k, H/k, W/k, C_out), or (M, K, C_out) for ``index`` (M, K)
+        (of the volumes ``rows``, see :func:`~mim3d.models.layers.patch_linear`)."""
+        y = patch_linear(x_cl, self.proj.weight, self.proj.bias, self.k, index, rows)
         return self.act(self.norm(y))
 
 
@@ -81,6 +87,12 @@ class HybridEncoder(nn.Module):
         mlp_ratio: MLP expansion of conv and transformer blocks.
         drop_path_rate: stochastic depth, linearly increasing over all blocks.
         grad_checkpointing: recompute transformer blocks in backward (saves memory).
+        depthwise_impl: CUDA depthwise conv, one of ``auto`` (Triton when installed),
+            ``triton``, ``cudnn`` (see :func:`~mim3d.models.layers.depthwise_conv3d`).
+        conv_recompute: recompute the conv blocks of stages 1-3 in backward, ``recompute_chunk``
+            volumes at a time (their activations are most of a step's memory): one of
+            :data:`CONV_RECOMPUTE`.
+        recompute_chunk: volumes per recomputed piece (bounds the memory of one recompute).
 
     Attributes:
         grid: token grid (g0, g1, g2).
@@ -92,10 +104,19 @@ class HybridEncoder(nn.Module):
                  patch_size: int = 16, dims: Sequence[int] = (48, 96, 192, 384),
                  depths: Sequence[int] = (2, 2, 2, 11), num_heads: int = 12,
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
-                 grad_checkpointing: bool = False) -> None:
+                 grad_checkpointing: bool = False, depthwise_impl: str = "auto",
+                 conv_recompute: str = "auto", recompute_chunk: int = 4) -> None:
         super().__init__()
         self._validate(in_channels, input_size, patch_size, dims, depths, num_heads, mlp_ratio,
                        drop_path_rate)
+        if depthwise_impl not in DEPTHWISE_IMPLS or conv_recompute not in CONV_RECOMPUTE:
+            raise ValueError(f"depthwise_impl={depthwise_impl!r} must be one of "
+                             f"{DEPTHWISE_IMPLS} and conv_recompute={conv_recompute!r} one of "
+                             f"{CONV_RECOMPUTE}")
+        if recompute_chunk < 1:
+            raise ValueError(f"recompute_chunk must be >= 1, got {recompute_chunk}")
+        self.conv_recompute = conv_recompute
+        self.recompute_chunk = recompute_chunk
         self.in_channels = in_channels
         self.input_size = tuple(int(s) for s in input_size)
         self.patch_size = patch_size
@@ -114,7 +135,8 @@ class HybridEncoder(nn.Module):
             PatchMerge(chans[i], chans[i + 1], strides[i]) for i in range(4))
         self.conv_stages = nn.ModuleList(
             nn.ModuleList(ConvBlock(dims[s], mlp_ratio, drop_path=dpr[starts[s] + j],
-                                    norm_eps=_NORM_EPS) for j in range(depths[s]))
+                                    norm_eps=_NORM_EPS, depthwise_impl=depthwise_impl)
+                          for j in range(depths[s]))
             for s in range(3))
         self.token_proj = nn.Linear(dims[3], dims[3])
         self.register_buffer("pos_embed", sincos_pos_embed_3d(self.grid, dims[3]))
@@ -147,39 +169,55 @@ class HybridEncoder(nn.Module):
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
 
-    def _check_input(self, x: Tensor, ids_keep: Tensor | None) -> None:
+    def _check_input(self, x: Tensor, ids_keep: Sequence[Tensor] | None) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.input_size:
             raise ValueError(f"expected input (B, {self.in_channels}, *{self.input_size}), "
                              f"got {tuple(x.shape)}")
-        if ids_keep is not None and (ids_keep.ndim != 2 or ids_keep.shape[0] != x.shape[0]
-                                     or ids_keep.shape[1] > self.num_tokens
-                                     or ids_keep.dtype != torch.long):
-            raise ValueError(f"ids_keep must be Long (B={x.shape[0]}, N_vis<={self.num_tokens}),"
-                             f" got {ids_keep.dtype} {tuple(ids_keep.shape)}")
+        if ids_keep is None:
+            return
+        if sum(k.shape[0] for k in ids_keep) != x.shape[0]:
+            raise ValueError(f"ids_keep cover {[k.shape[0] for k in ids_keep]} volumes, the "
+                             f"input has {x.shape[0]}")
+        for k in ids_keep:
+            if k.ndim != 2 or k.shape[1] > self.num_tokens or k.dtype != torch.long:
+                raise ValueError(f"ids_keep must be Long (B, N_vis<={self.num_tokens}), got "
+                                 f"{k.dtype} {tuple(k.shape)}")
 
-    def _stage_masks(self, ids_keep: Tensor, x: Tensor) -> list[Tensor]:
-        """Visible-token mask upsampled to stages 1-3, each (B, 1, D_s, H_s, W_s), 1 = visible."""
-        b = x.shape[0]
+    def _stage_masks(self, vis: Tensor) -> list[Tensor]:
+        """Visible-token mask (B, N) upsampled to stages 1-3, each (B, 1, D_s, H_s, W_s)."""
+        b = vis.shape[0]
         g0, g1, g2 = self.grid
-        vis = torch.zeros(b, self.num_tokens, device=x.device, dtype=x.dtype)
-        vis = vis.scatter_(1, ids_keep, 1.0).view(b, g0, 1, g1, 1, g2, 1)
+        vis = vis.view(b, g0, 1, g1, 1, g2, 1)
         masks = []
         for f in self.stage_factors:
             m = vis.expand(b, g0, f, g1, f, g2, f).reshape(b, g0 * f, g1 * f, g2 * f, 1)
             masks.append(m.permute(0, 4, 1, 2, 3))
         return masks
 
-    def _conv_stages(self, x: Tensor, ids_keep: Tensor | None) -> list[Tensor]:
+    def _recompute(self, x: Tensor) -> bool:
+        on = self.conv_recompute == "always" or (self.conv_recompute == "auto" and x.is_cuda)
+        return on and self.training and torch.is_grad_enabled()
+
+    def _block(self, blk: ConvBlock, h: Tensor, mask: Tensor | None, recompute: bool) -> Tensor:
+        """One conv block; recomputed in backward piece by piece, so that one recompute holds
+        the activations of ``recompute_chunk`` volumes only."""
+        if not recompute:
+            return blk(h, mask)
+        n = self.recompute_chunk
+        pieces = [checkpoint(blk, h[i:i + n], None if mask is None else mask[i:i + n],
+                             use_reentrant=False) for i in range(0, h.shape[0], n)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _conv_stages(self, x: Tensor, vis: Tensor | None) -> list[Tensor]:
         """Stages 1-3. Returns three channels-last maps (B, D_s, H_s, W_s, dims[s])."""
-        masks: list[Tensor | None] = [None] * 3
-        if ids_keep is not None:
-            masks = list(self._stage_masks(ids_keep, x))
+        masks = [None] * 3 if vis is None else self._stage_masks(vis)
+        recompute = self._recompute(x)
         h = x.permute(0, 2, 3, 4, 1)
         maps = []
         for s in range(3):
             h = self.downsamples[s](h).permute(0, 4, 1, 2, 3)  # (B, C, D, H, W), channels-last
             for blk in self.conv_stages[s]:
-                h = blk(h, masks[s])
+                h = self._block(blk, h, masks[s], recompute)
             h = h.permute(0, 2, 3, 4, 1)
             maps.append(h)
         return maps
@@ -190,19 +228,19 @@ class HybridEncoder(nn.Module):
             tokens = checkpoint(blk, tokens, use_reentrant=False) if use_ckpt else blk(tokens)
         return tokens
 
-    def _encode(self, x: Tensor, ids_keep: Tensor | None) -> tuple[list[Tensor], Tensor]:
-        """Run all stages; return the stage 1-3 maps (channels-last) and final tokens (B, M, E)."""
-        self._check_input(x, ids_keep)
-        maps = self._conv_stages(x, ids_keep)
-        b, e = x.shape[0], self.embed_dim
-        tokens = self.downsamples[3](maps[2], ids_keep).reshape(b, -1, e)
+    def _tokens(self, maps: list[Tensor], ids_keep: Tensor | None,
+                rows: Tensor | None = None) -> Tensor:
+        """Stages 4-6 for the volumes ``rows`` of the maps (all when None): (M, N_vis, E)."""
+        b = maps[2].shape[0] if ids_keep is None else ids_keep.shape[0]
+        e = self.embed_dim
+        tokens = self.downsamples[3](maps[2], ids_keep, rows).reshape(b, -1, e)
         pos = self.pos_embed if ids_keep is None else self.pos_embed[0][ids_keep]
         tokens = self._run_blocks(self.token_proj(tokens) + pos)
         for s, f in enumerate(self.stage_factors):
             conv = self.fusion[s]
-            tokens = tokens + patch_linear(maps[s], conv.weight, conv.bias, f,
-                                           ids_keep).reshape(b, -1, e)
-        return maps, self.norm(tokens)
+            tokens = tokens + patch_linear(maps[s], conv.weight, conv.bias, f, ids_keep,
+                                           rows).reshape(b, -1, e)
+        return self.norm(tokens)
 
     def forward(self, x: Tensor, ids_keep: Tensor | None = None) -> Tensor:
         """Encode a batch of volumes.
@@ -215,7 +253,29 @@ class HybridEncoder(nn.Module):
         Returns:
             (B, N_vis, E) visible-token features in ``ids_keep`` order, or (B, N, E).
         """
-        return self._encode(x, ids_keep)[1]
+        if ids_keep is None:
+            self._check_input(x, None)
+            return self._tokens(self._conv_stages(x, None), None)
+        return self.forward_levels(x, [ids_keep])[0]
+
+    def forward_levels(self, x: Tensor, ids_keep: Sequence[Tensor]) -> list[Tensor]:
+        """Encode volumes of several mask groups (MiM's levels) in one pass.
+
+        Stages 1-3 run once over all volumes; the token stages run once per group of equal
+        visible count (MiM base: level 1 keeps 81 tokens, levels 2 and 3 keep 86 each).
+
+        Args:
+            x: (sum B_l, C, D, H, W) the groups' volumes stacked in order.
+            ids_keep: per group (B_l, N_l) Long raster indices of its visible tokens.
+
+        Returns:
+            Per group (B_l, N_l, E), as ``forward(x_l, ids_keep_l)`` would give.
+        """
+        self._check_input(x, list(ids_keep))
+        vis = torch.cat([torch.zeros(k.shape[0], self.num_tokens, device=x.device,
+                                     dtype=x.dtype).scatter_(1, k, 1.0) for k in ids_keep])
+        maps = self._conv_stages(x, vis)
+        return run_grouped(ids_keep, lambda index, rows: self._tokens(maps, index, rows))
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Unmasked multi-scale features for segmentation decoders.
@@ -228,7 +288,9 @@ class HybridEncoder(nn.Module):
             tokens (B, E, g0, g1, g2)] with s = patch_size/8 (for the base model
             48@48^3, 96@24^3, 192@12^3, 384@6^3). Maps are in channels-last memory.
         """
-        maps, tokens = self._encode(x, None)
+        self._check_input(x, None)
+        maps = self._conv_stages(x, None)
+        tokens = self._tokens(maps, None)
         out = [m.permute(0, 4, 1, 2, 3) for m in maps]
         out.append(tokens.reshape(x.shape[0], *self.grid, -1).permute(0, 4, 1, 2, 3))
         return out

@@ -11,21 +11,25 @@ channels-last depthwise kernels. This avoids every layout copy inside a conv blo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mim3d.kernels.conv import DEPTHWISE_IMPLS, depthwise_conv3d
+
 __all__ = [
+    "DEPTHWISE_IMPLS",
     "ConvBlock",
     "DropPath",
-    "LayerNorm3d",
     "Mlp",
     "SelfAttention",
     "TransformerBlock",
     "depthwise_conv3d",
     "init_weights",
     "patch_linear",
+    "run_grouped",
     "sincos_pos_embed_3d",
 ]
 
@@ -53,19 +57,6 @@ class DropPath(nn.Module):
     def extra_repr(self) -> str:
         """Show p in the module repr."""
         return f"p={self.p}"
-
-
-class LayerNorm3d(nn.LayerNorm):
-    """LayerNorm over the channel axis of a ``(B, C, D, H, W)`` tensor.
-
-    For a ``channels_last_3d`` input both permutes are free views, so no copy is made.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, C, D, H, W) -> (B, C, D, H, W), normalised over C at each voxel."""
-        y = F.layer_norm(x.permute(0, 2, 3, 4, 1), self.normalized_shape, self.weight,
-                         self.bias, self.eps)
-        return y.permute(0, 4, 1, 2, 3)
 
 
 class Mlp(nn.Module):
@@ -146,82 +137,6 @@ class TransformerBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def _dw_weight_grad(x: Tensor, grad: Tensor, pad: int) -> Tensor:
-    """Weight gradient of a depthwise 'same' conv, (C, 1, k, k, k).
-
-    dW[c] = sum_b xcorr(pad(x[b, c]), grad[b, c]) is itself a depthwise *forward* conv of the
-    padded input with the gradient as kernel; oneDNN runs it ~3x faster than its backward-weights
-    kernel (CPU, 2 x 48 x 48^3: 0.11 s vs 0.32 s).
-    """
-    xp = F.pad(x, (pad,) * 6)
-    c = x.shape[1]
-    gw = F.conv3d(xp[:1], grad[0].unsqueeze(1), groups=c)
-    for b in range(1, x.shape[0]):
-        gw = gw + F.conv3d(xp[b:b + 1], grad[b].unsqueeze(1), groups=c)
-    return gw.transpose(0, 1).contiguous()
-
-
-class _DepthwiseConv3dFn(torch.autograd.Function):
-    """Depthwise stride-1 'same' Conv3d whose backward uses only forward convolutions (CPU).
-
-    For stride 1, odd kernel and 'same' padding, d(input) = conv(grad, flip(w)), and d(weight)
-    is :func:`_dw_weight_grad`. oneDNN's channels-last depthwise forward kernel is much faster
-    than its backward kernels (measured at 2 x 48 x 48^3 on 2 cores: data grad 0.03 s vs
-    0.24 s), which cut a base encoder fwd+bwd step (batch 2, 96^3) from 5.6 s to 3.4 s.
-    """
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
-                padding: int) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.padding = padding
-        ctx.has_bias = bias is not None
-        return F.conv3d(x, weight, bias, padding=padding, groups=weight.shape[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        c, pad = weight.shape[0], ctx.padding
-        grad = grad.contiguous(memory_format=torch.channels_last_3d)
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = F.conv3d(grad, weight.flip(2, 3, 4), padding=pad, groups=c)
-        if ctx.needs_input_grad[1]:
-            gw = _dw_weight_grad(x.contiguous(memory_format=torch.channels_last_3d), grad, pad)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=(0, 2, 3, 4))
-        return gx, gw, gb, None
-
-
-def depthwise_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
-    """Depthwise stride-1 'same' Conv3d with a fast backward on CPU and on CUDA.
-
-    On CPU (when a gradient is needed) this uses :class:`_DepthwiseConv3dFn`. On CUDA it runs
-    cuDNN on channels-first memory: cuDNN's channels-last 3D depthwise weight-gradient kernel is
-    ~20x slower (H200, bf16, 2 x 48 x 48^3: 0.121 s vs 0.0064 s fwd+bwd) and took 98% of a MiM
-    base step; channels-first cut one 21-volume sample step from 1.34 s to 0.36 s
-    (``benchmarks/results/depthwise_cuda.json``).
-
-    Args:
-        x: (B, C, D, H, W), ideally channels-last memory.
-        weight: (C, 1, k, k, k) with k odd and ``padding = k // 2``.
-        bias: (C,) or None.
-        padding: k // 2.
-
-    Returns:
-        (B, C, D, H, W).
-    """
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if needs_grad and x.device.type == "cpu":
-        return _DepthwiseConv3dFn.apply(x, weight, bias, padding)
-    if x.device.type == "cuda":
-        x = x.contiguous()
-    return F.conv3d(x, weight, bias, padding=padding, groups=weight.shape[0])
-
-
 class ConvBlock(nn.Module):
     """Masked convolutional block of the hybrid encoder (MCMAE/ConvMAE style, 3D).
 
@@ -236,11 +151,17 @@ class ConvBlock(nn.Module):
         kernel_size: depthwise kernel size (odd).
         drop_path: stochastic-depth probability.
         norm_eps: LayerNorm epsilon.
+        depthwise_impl: CUDA implementation of the depthwise conv, see :func:`depthwise_conv3d`.
     """
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, kernel_size: int = 5,
-                 drop_path: float = 0.0, norm_eps: float = 1e-6) -> None:
+                 drop_path: float = 0.0, norm_eps: float = 1e-6,
+                 depthwise_impl: str = "auto") -> None:
         super().__init__()
+        if depthwise_impl not in DEPTHWISE_IMPLS:
+            raise ValueError(f"depthwise_impl={depthwise_impl!r}: choose one of "
+                             f"{', '.join(DEPTHWISE_IMPLS)}")
+        self.depthwise_impl = depthwise_impl
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -267,14 +188,14 @@ class ConvBlock(nn.Module):
             # masking after conv1 also zeroes its bias, so masked voxels contribute exactly 0
             y = y * mask_vox.permute(0, 2, 3, 4, 1).to(y.dtype)  # keep bf16 under autocast
         y = depthwise_conv3d(y.permute(0, 4, 1, 2, 3), self.dwconv.weight, self.dwconv.bias,
-                             self.dwconv.padding[0]).permute(0, 2, 3, 4, 1)
+                             self.dwconv.padding[0], self.depthwise_impl).permute(0, 2, 3, 4, 1)
         h = h + self.drop_path(self.conv2(y))
         h = h + self.drop_path(self.mlp(self.norm2(h)))
         return h.permute(0, 4, 1, 2, 3)
 
 
 def patch_linear(x_cl: Tensor, weight: Tensor, bias: Tensor | None, k: int,
-                 index: Tensor | None = None) -> Tensor:
+                 index: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
     """Non-overlapping Conv3d (kernel = stride = k) on a channels-last map, as one matmul.
 
     Equivalent to ``F.conv3d(x, weight, bias, stride=k)``. Patches are copied out in
@@ -287,10 +208,12 @@ def patch_linear(x_cl: Tensor, weight: Tensor, bias: Tensor | None, k: int,
         weight: (C_out, C, k, k, k) Conv3d weight.
         bias: (C_out,) or None.
         k: kernel size and stride.
-        index: optional (B, M) Long flat raster indices into the (D/k, H/k, W/k) output grid.
+        index: optional (M, K) Long flat raster indices into the (D/k, H/k, W/k) output grid.
+        rows: optional (M,) Long: the volume of ``x_cl`` each row of ``index`` refers to
+            (default: row i is volume i, M = B); only with ``index``.
 
     Returns:
-        (B, D/k, H/k, W/k, C_out), or (B, M, C_out) when ``index`` is given.
+        (B, D/k, H/k, W/k, C_out), or (M, K, C_out) when ``index`` is given.
     """
     b, d, h, w, c = x_cl.shape
     g = (d // k, h // k, w // k)
@@ -301,9 +224,43 @@ def patch_linear(x_cl: Tensor, weight: Tensor, bias: Tensor | None, k: int,
     i0 = torch.div(index, g[1] * g[2], rounding_mode="floor")
     i1 = torch.div(index, g[2], rounding_mode="floor") % g[1]
     i2 = index % g[2]
-    bi = torch.arange(b, device=index.device).unsqueeze(1)
-    patches = v[bi, i0, i1, i2]  # (B, M, k, k, k, C): one copy of the selected patches only
-    return F.linear(patches.reshape(b, index.shape[1], -1), w2, bias)
+    bi = (torch.arange(b, device=index.device) if rows is None else rows).unsqueeze(1)
+    patches = v[bi, i0, i1, i2]  # (M, K, k, k, k, C): one copy of the selected patches only
+    return F.linear(patches.reshape(index.shape[0], index.shape[1], -1), w2, bias)
+
+
+def run_grouped(ids_keep: Sequence[Tensor],
+                fn: Callable[[Tensor, Tensor | None], Tensor]) -> list[Tensor]:
+    """Run a token stage once per group of mask sets with the same visible count.
+
+    The volumes of all sets are stacked set after set (set i has ``ids_keep[i].shape[0]``).
+    Sets of equal width are concatenated into one call, so e.g. MiM's levels 2 and 3 (86 of 216
+    tokens visible each) share one transformer pass.
+
+    Args:
+        ids_keep: per set (B_i, N_i) Long visible-token indices.
+        fn: ``fn(index (M, K), rows (M,) or None) -> (M, K, E)``; ``rows`` are the stacked
+            volume of every row (None: the single set, row i = volume i).
+
+    Returns:
+        Per set (B_i, N_i, E).
+    """
+    if len(ids_keep) == 1:
+        return [fn(ids_keep[0], None)]
+    sizes = [int(k.shape[0]) for k in ids_keep]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(ids_keep):
+        groups.setdefault(int(k.shape[1]), []).append(i)
+    out: list[Tensor] = [ids_keep[0]] * len(ids_keep)
+    for members in groups.values():
+        dev = ids_keep[members[0]].device
+        index = torch.cat([ids_keep[i] for i in members])
+        rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i], device=dev)
+                          for i in members])
+        for i, t in zip(members, fn(index, rows).split([sizes[i] for i in members])):
+            out[i] = t
+    return out
 
 
 def sincos_pos_embed_3d(grid: tuple[int, int, int], dim: int,

@@ -57,31 +57,43 @@ class MiMOutput:
 
 def _root_index(masks: Sequence[LevelMasks], level: int) -> Tensor:
     """Index of the level-1 sample every volume of ``level`` (0-based) descends from."""
-    idx = torch.arange(masks[level].mask.shape[0], device=masks[level].mask.device)
+    idx = torch.arange(masks[level].mask.shape[0], device=masks[level].parent.device)
     for lv in range(level, 0, -1):
         idx = masks[lv].parent[idx]
     return idx
 
 
-def cut_level_volumes(x1: Tensor, boxes: Tensor, roots: Tensor, size: Sequence[int]) -> Tensor:
+def cut_level_volumes(x1: Tensor, boxes: Tensor, roots: Tensor, crop: Sequence[int],
+                      size: Sequence[int], resize: str) -> Tensor:
     """Cut equally sized boxes out of the level-1 crops and resize them to the encoder input.
+
+    One gather over all boxes (no host round trip for the box coordinates, which may live on
+    the GPU), then one resize.
 
     Args:
         x1: (B, C, *S1) level-1 crops.
-        boxes: (B_l, 3, 2) half-open voxel ranges in the level-1 crop.
+        boxes: (B_l, 3, 2) half-open voxel ranges in the level-1 crop, each of size ``crop``.
         roots: (B_l,) which crop each box lies in.
+        crop: the box size S_l.
         size: R, the encoder input size.
+        resize: ``LevelGeometry.resize``: ``none``, ``area``, ``trilinear`` or ``nearest``.
 
     Returns:
-        (B_l, C, *R) volumes; trilinear resizing when the box size differs from R.
+        (B_l, C, *R) volumes.
     """
-    b = boxes.tolist()
-    vols = [x1[r, :, z0:z1, y0:y1, w0:w1]
-            for r, ((z0, z1), (y0, y1), (w0, w1)) in zip(roots.tolist(), b)]
-    out = torch.stack(vols)
-    if tuple(out.shape[2:]) != tuple(size):
-        out = F.interpolate(out, size=tuple(size), mode="trilinear", align_corners=False)
-    return out
+    roots = roots.to(x1.device)
+    if tuple(crop) == tuple(x1.shape[2:]):
+        out = x1.index_select(0, roots)
+    else:
+        starts = boxes[:, :, 0].to(x1.device)
+        ax = [starts[:, a, None] + torch.arange(crop[a], device=x1.device) for a in range(3)]
+        out = x1.permute(0, 2, 3, 4, 1)[roots[:, None, None, None], ax[0][:, :, None, None],
+                                         ax[1][:, None, :, None], ax[2][:, None, None, :]]
+        out = out.permute(0, 4, 1, 2, 3).contiguous()  # (B_l, C, *S_l)
+    if resize == "none":
+        return out
+    corners = {"align_corners": False} if resize == "trilinear" else {}
+    return F.interpolate(out, size=tuple(size), mode=resize, **corners)
 
 
 def unit_means(features: Tensor, grid: Sequence[int], unit: Sequence[int]) -> Tensor:
@@ -116,13 +128,17 @@ class MiM(nn.Module):
         proj_dim: width D of the projection heads (hidden and output).
         align: build projection heads for cross-level alignment (needs >= 2 levels).
         stop_grad: detach parent unit features before the parent head (the head still learns).
+        one_pass: run the encoder's conv stages and the decoder once over the stacked volumes
+            of all levels (``encoder.forward_levels``); False runs level by level (the same
+            function, in more and smaller passes).
     """
 
     def __init__(self, *, encoder: nn.Module, geometry: Sequence[LevelGeometry],
                  in_channels: int = 1, patch_size: int = 16,
                  input_size: Sequence[int] = (96, 96, 96), decoder_dim: int = 576,
                  decoder_depth: int = 8, decoder_heads: int = 16, mlp_ratio: float = 4.0,
-                 proj_dim: int = 2048, align: bool = True, stop_grad: bool = True) -> None:
+                 proj_dim: int = 2048, align: bool = True, stop_grad: bool = True,
+                 one_pass: bool = True) -> None:
         super().__init__()
         if len(geometry) < 1:
             raise ValueError(f"geometry={geometry!r}: need at least one level")
@@ -138,6 +154,7 @@ class MiM(nn.Module):
         self.input_size = tuple(int(r) for r in input_size)
         self.grid = grid
         self.stop_grad = stop_grad
+        self.one_pass = one_pass
         self.decoder = MaskedDecoder(
             encoder_dim=encoder.embed_dim, dim=decoder_dim, depth=decoder_depth,
             num_heads=decoder_heads, grid=grid, out_dim=patch_size ** 3 * in_channels,
@@ -149,11 +166,21 @@ class MiM(nn.Module):
 
     def level_inputs(self, x1: Tensor, masks: Sequence[LevelMasks]) -> list[Tensor]:
         """Build every level's encoder inputs (B_l, C, *R) from the level-1 crops (B, C, *S1)."""
-        out = []
-        for lv, m in enumerate(masks):
-            roots = _root_index(masks, lv)
-            out.append(cut_level_volumes(x1, m.boxes, roots, self.input_size))
-        return out
+        return [cut_level_volumes(x1, m.boxes, _root_index(masks, lv), geo.crop_size,
+                                  self.input_size, geo.resize)
+                for lv, (geo, m) in enumerate(zip(self.geometry, masks))]
+
+    def _decode_levels(self, vols: list[Tensor],
+                       masks: Sequence[LevelMasks]) -> list[tuple[Tensor, Tensor]]:
+        """(pred, decoder features) of every level, in one pass or level by level."""
+        if not (self.one_pass and hasattr(self.encoder, "forward_levels")):
+            outs = [self.decoder(self.encoder(v, m.ids_keep), m.ids_restore)
+                    for v, m in zip(vols, masks)]
+            return [(d.pred, d.features) for d in outs]
+        latents = self.encoder.forward_levels(torch.cat(vols), [m.ids_keep for m in masks])
+        dec = self.decoder.forward_levels(latents, [m.ids_restore for m in masks])
+        sizes = [v.shape[0] for v in vols]
+        return list(zip(dec.pred.split(sizes), dec.features.split(sizes)))
 
     def forward(self, x1: Tensor, masks: Sequence[LevelMasks]) -> MiMOutput:
         """Run every level.
@@ -171,19 +198,18 @@ class MiM(nn.Module):
         expected = tuple(self.geometry[0].crop_size)
         if tuple(x1.shape[2:]) != expected:
             raise ValueError(f"level-1 crop shape {tuple(x1.shape[2:])} != geometry {expected}")
+        vols = self.level_inputs(x1, masks)
         levels = []
-        for lv, (geo, m, vol) in enumerate(zip(self.geometry, masks,
-                                              self.level_inputs(x1, masks))):
-            latent = self.encoder(vol, m.ids_keep)
-            dec = self.decoder(latent, m.ids_restore)
+        for lv, (geo, m, vol, (pred, feats)) in enumerate(
+                zip(self.geometry, masks, vols, self._decode_levels(vols, masks))):
             context = units = None
             if self.child_head is not None and lv > 0:
-                context = self.child_head(dec.features.mean(dim=1))
+                context = self.child_head(feats.mean(dim=1))
             if self.parent_head is not None and lv < len(self.geometry) - 1:
-                feats = unit_means(dec.features, self.grid, geo.unit_tokens)
-                units = self.parent_head(feats.detach() if self.stop_grad else feats)
+                unit = unit_means(feats, self.grid, geo.unit_tokens)
+                units = self.parent_head(unit.detach() if self.stop_grad else unit)
             levels.append(LevelOutput(
-                level=lv + 1, inputs=vol, pred=dec.pred, target=patchify(vol, self.patch_size),
+                level=lv + 1, inputs=vol, pred=pred, target=patchify(vol, self.patch_size),
                 mask=m.mask, context=context, unit_features=units, parent=m.parent,
                 parent_unit=m.parent_unit, boxes=m.boxes))
         return MiMOutput(levels=levels)

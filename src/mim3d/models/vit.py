@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mim3d.models.layers import TransformerBlock, init_weights, sincos_pos_embed_3d
+from mim3d.models.layers import TransformerBlock, init_weights, run_grouped, sincos_pos_embed_3d
 
 __all__ = ["PatchEmbedding", "ViTEncoder"]
 
@@ -57,6 +57,13 @@ class PatchEmbedding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, D, H, W) -> (B, N, dim) tokens in raster order, position embedding added."""
         return self.patch_embeddings(x).flatten(2).transpose(1, 2) + self.position_embeddings
+
+
+def _select(tokens: Tensor, index: Tensor, rows: Tensor | None) -> Tensor:
+    """Tokens (B, N, E) -> (M, K, E) at ``index`` (M, K) of volumes ``rows`` (default 0..M-1)."""
+    if rows is None:
+        return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    return tokens[rows.unsqueeze(1), index]
 
 
 class ViTEncoder(nn.Module):
@@ -111,17 +118,28 @@ class ViTEncoder(nn.Module):
         self.apply(init_weights)
 
     def _embed(self, x: Tensor, ids_keep: Tensor | None) -> Tensor:
-        if x.ndim != 5 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.input_size:
-            raise ValueError(f"expected input (B, {self.in_channels}, *{self.input_size}), "
-                             f"got {tuple(x.shape)}")
+        self._check_input(x)
         tokens = self.patch_embedding(x)
         if ids_keep is None:
             return tokens
-        if ids_keep.ndim != 2 or ids_keep.shape[0] != x.shape[0] or ids_keep.dtype != torch.long:
-            raise ValueError(f"ids_keep must be Long (B={x.shape[0]}, N_vis), "
+        self._check_ids(ids_keep, x.shape[0])
+        return _select(tokens, ids_keep, None)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 5 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.input_size:
+            raise ValueError(f"expected input (B, {self.in_channels}, *{self.input_size}), "
+                             f"got {tuple(x.shape)}")
+
+    @staticmethod
+    def _check_ids(ids_keep: Tensor, batch: int) -> None:
+        if ids_keep.ndim != 2 or ids_keep.shape[0] != batch or ids_keep.dtype != torch.long:
+            raise ValueError(f"ids_keep must be Long (B={batch}, N_vis), "
                              f"got {ids_keep.dtype} {tuple(ids_keep.shape)}")
-        index = ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
-        return torch.gather(tokens, 1, index)
+
+    def _transform(self, tokens: Tensor) -> Tensor:
+        for i in range(len(self.blocks)):
+            tokens = self._block(i, tokens)
+        return self.norm(tokens)
 
     def _block(self, i: int, tokens: Tensor) -> Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -138,10 +156,28 @@ class ViTEncoder(nn.Module):
         Returns:
             (B, N_vis, dim) in ``ids_keep`` order, or (B, N, dim); final LayerNorm applied.
         """
-        tokens = self._embed(x, ids_keep)
-        for i in range(len(self.blocks)):
-            tokens = self._block(i, tokens)
-        return self.norm(tokens)
+        return self._transform(self._embed(x, ids_keep))
+
+    def forward_levels(self, x: Tensor, ids_keep: Sequence[Tensor]) -> list[Tensor]:
+        """Encode volumes of several mask groups: one patch embedding over all of them, one
+        transformer pass per group of equal visible count.
+
+        Args:
+            x: (sum B_l, C, D, H, W) the groups' volumes stacked in order.
+            ids_keep: per group (B_l, N_l) Long visible-token indices.
+
+        Returns:
+            Per group (B_l, N_l, dim).
+        """
+        self._check_input(x)
+        if sum(k.shape[0] for k in ids_keep) != x.shape[0]:
+            raise ValueError(f"ids_keep cover {[k.shape[0] for k in ids_keep]} volumes, the "
+                             f"input has {x.shape[0]}")
+        for k in ids_keep:
+            self._check_ids(k, k.shape[0])
+        tokens = self.patch_embedding(x)
+        return run_grouped(ids_keep,
+                           lambda index, rows: self._transform(_select(tokens, index, rows)))
 
     def forward_features(self, x: Tensor, layers: Sequence[int] | None = None) -> list[Tensor]:
         """Unmasked hidden states of selected blocks, as maps for a UNETR-style decoder.

@@ -1,0 +1,108 @@
+"""Where a training step's time goes, by op family (``benchmarks/gpu_pretrain.py``'s profile).
+
+A kernel's family comes from, in order: the ``mim3d::<family>`` profiler scope it ran in (the
+library's level cutting, mask drawing and copy, loss and update calls are wrapped in one, see
+:func:`library_scopes`); the optimizer's own ``Optimizer.step`` scope; the names of the ops that
+launched it, outermost first (in backward that is the autograd node, named after its forward
+op, e.g. ``NativeLayerNormBackward0``); and last its kernel name (Triton launches have no op).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+import mim3d.engine.train as train_mod
+import mim3d.models.mim as mim_mod
+
+# (family, substrings of an op / autograd node / kernel name);
+# the first family any name matches wins, names taken outermost first
+FAMILIES = (
+    ("attention", ("scaled_dot_product", "flash", "fmha", "attention", "Sdpa", "sdpa")),
+    ("depthwise_conv", ("_TritonDepthwiseFn", "_dw_", "onvolution", "conv", "fprop", "dgrad",
+                        "wgrad", "depthwise")),
+    ("loss", ("NllLoss", "nll_loss", "LogSoftmax", "log_softmax", "PowBackward", "NanToNum")),
+    ("level_cutting", ("Upsample", "upsample", "AvgPool", "avg_pool", "adaptive_avg")),
+    ("convs_and_linears", ("aten::linear", "aten::mm", "aten::addmm", "aten::bmm", "matmul",
+                           "MmBackward", "AddmmBackward", "BmmBackward", "gemm", "Gemm",
+                           "nvjet", "cutlass", "xmma")),
+    ("masking_gather_scatter", ("ndex", "ather", "catter", "aten::cat", "CatBackward",
+                                "masked", "nonzero", "argsort", "sort")),
+    ("norms_elementwise", ("layer_norm", "LayerNorm", "gelu", "Gelu", "aten::", "Backward",
+                           "elementwise", "vectorized", "reduce")),
+)
+SCOPES = ((train_mod, "compute_losses", "loss"), (train_mod, "sample_levels", "masking"),
+          (train_mod, "masks_to_device", "masking"),
+          (train_mod, "_clip_check_update", "optimizer"),
+          (mim_mod, "cut_level_volumes", "level_cutting"))
+
+
+def _scoped(fn: Callable[..., Any], family: str) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(f"mim3d::{family}"):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@contextlib.contextmanager
+def library_scopes() -> Iterator[None]:
+    """Wrap the library's level cutting, masking, loss and update calls in profiler scopes."""
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in SCOPES]
+    for mod, name, family in SCOPES:
+        setattr(mod, name, _scoped(getattr(mod, name), family))
+    try:
+        yield
+    finally:
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+
+
+def classify(names: list[str], kernel: str = "") -> str:
+    """Op family of a kernel (or CPU op) from its op chain (outermost first) and name."""
+    scopes = [n[len("mim3d::"):] for n in names if n.startswith("mim3d::")]
+    if scopes:
+        return scopes[-1]
+    if any("Optimizer.step" in n or "clip_grad" in n for n in names):
+        return "optimizer"
+    if kernel.startswith("Memcpy HtoD"):
+        return "host_to_device_copies"
+    for name in [*names, kernel]:
+        for family, patterns in FAMILIES:
+            if any(p in name for p in patterns):
+                return family
+    return "other"
+
+
+def _chain(evt: Any) -> list[str]:
+    names = []
+    while evt is not None:
+        names.append(evt.name)
+        evt = evt.cpu_parent
+    return names[::-1]
+
+
+def family_times(prof: torch.profiler.profile, cuda: bool) -> dict[str, float]:
+    """Seconds per family: device kernels on CUDA, self CPU time of the ops on the CPU."""
+    events = prof.events()
+    times: Counter[str] = Counter()
+    if not cuda:
+        for e in events:
+            times[classify(_chain(e))] += e.self_cpu_time_total / 1e6
+        return dict(times)
+    left = Counter()  # kernel time by name not reached through a CPU op (Triton launches)
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            left[e.name] += e.device_time_total / 1e6
+    for e in events:
+        for k in getattr(e, "kernels", []):
+            times[classify(_chain(e), k.name)] += k.duration / 1e6
+            left[k.name] -= k.duration / 1e6
+    for name, seconds in left.items():
+        if seconds > 1e-9:
+            times[classify([], name)] += seconds
+    return dict(times)

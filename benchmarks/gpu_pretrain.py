@@ -1,0 +1,341 @@
+"""MiM base pre-training at the GPU's pace: ``before`` and ``after`` issue 12, side by side.
+
+Every number comes from the real engine step (:func:`mim3d.engine.train.train_step`: real masks
+from ``sample_levels``, the real loss, AdamW, bf16 autocast on CUDA) on random 192^3 crops, in
+one process:
+
+* ``before``  the library's paths as of the issue's start, kept selectable by switches:
+  ``model.one_pass=false`` (level by level), ``model.depthwise_impl=cudnn``,
+  ``optim.conv_recompute=never``, plain (unfused) AdamW, pageable input batches, and every loss
+  term and the gradient norm read on the host after each step (the old loop's syncs).
+* ``after``   the defaults: one pass over the levels, the Triton depthwise conv, conv blocks
+  recomputed in backward (CUDA), fused AdamW, pinned batches, no per-step reads.
+* memory options (at batch 1 and the largest batch): ``after`` without conv recompute, and with
+  transformer-block checkpointing on top, so the speed cost of each is measured.
+* baselines at their best batch: hybrid MAE, MAE3D, Swin-SSL (Table XI re-measured).
+
+Timing: warm-up steps, then the wall time of N consecutive steps between two device syncs
+(queued work overlaps as in training), per step. Memory: ``max_memory_allocated`` over the timed
+steps minus what was allocated between steps (weights, optimizer state), per sample. FLOPs:
+forward FLOPs of one sample (``FlopCounterMode``, cuDNN path so the depthwise convs count) x 3
+for forward + backward; the share is that rate over the best bf16 8192^3 GEMM measured here.
+Profile: one step of ``before`` (batch 1) and ``after`` (its best batch) under
+``torch.profiler``; device kernel time by op family (library calls are wrapped in
+``mim3d::<family>`` scopes, autograd nodes name their forward op), idle GPU = wall - kernels.
+
+    PYTHONPATH=src python3 benchmarks/gpu_pretrain.py                # one GPU, < 8 min
+    PYTHONPATH=src .venv/bin/python benchmarks/gpu_pretrain.py --quick --out /tmp/q.json  # CPU
+
+On a GPU box whose Python has torch (with triton) but not monai, bring monai's wheel (pure
+Python, no dependencies beyond numpy and torch): ``pip download --no-deps monai==1.6.1 -d whl``
+where an index is reachable, then ``pip install --no-index --no-deps --target /tmp/site
+whl/*.whl`` and run with ``PYTHONPATH=/tmp/site:src``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from _step_profile import family_times, library_scopes
+from torch.utils.flop_counter import FlopCounterMode
+
+import mim3d.engine.train as train_mod
+from mim3d.config import PretrainConfig, load_config
+from mim3d.engine.optim import make_optimizer, set_lr, warmup_cosine
+from mim3d.factory import build_pretrain_model, geometry_from_config
+from mim3d.masking import sample_levels
+
+RESULT_FILE = Path(__file__).resolve().parent / "results" / "gpu_pretrain.json"
+GIB = 2.0**30
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A set of switches: config overrides plus how the loop around the step behaves."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    fused: bool = True  # fused AdamW (CUDA only)
+    host_sync: bool = False  # read every loss term and the grad norm after each step
+    pinned: bool = True  # the input batch in pinned host memory (a pin_memory loader)
+
+
+BEFORE = Variant("before", ("model.one_pass=false", "model.depthwise_impl=cudnn",
+                            "optim.conv_recompute=never"), fused=False, host_sync=True,
+                 pinned=False)
+AFTER = Variant("after")
+MEMORY = (Variant("after_no_conv_recompute", ("optim.conv_recompute=never",)),
+          Variant("after_plus_block_checkpointing", ("optim.grad_checkpointing=true",)))
+COMPILED = Variant("after_compiled", ("train.compile=true",))
+ONE_LEVEL = ("geometry.mask_ratios=[0.6]", "geometry.gammas=[]", "loss.alignment=none")
+SHRUNK = ("model.dims=[8,16,32,64]", "model.depths=[1,1,1,1]", "model.num_heads=2",
+          "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2",
+          "model.proj_dim=32", "model.vit_dim=32", "model.vit_depth=1",
+          "geometry.crop_sizes=[[32,32,32],[16,16,16],[8,8,8]]",
+          "geometry.input_size=[16,16,16]")
+FULL = {"preset": "base", "overrides": ("optim.precision=bf16",), "batches": (1, 4, 8),
+        "common": ("optim.precision=bf16",),
+        "warmup": 2, "steps": 5, "gemm": (torch.bfloat16, 8192),
+        "baselines": {"hybrid_mae": ("hybrid-mae", (), (8, 32)),
+                      "mae3d": ("mae3d", (), (8, 32)),
+                      "swin_ssl": ("swin-ssl", (), (4, 16))}}
+QUICK = {"preset": "tiny", "overrides": SHRUNK, "batches": (1, 2), "warmup": 1, "steps": 1,
+         "common": (),
+         "gemm": (torch.float32, 512),
+         "baselines": {"hybrid_mae": ("tiny", (*SHRUNK, "geometry.crop_sizes=[[16,16,16]]",
+                                               *ONE_LEVEL), (2,)),
+                       "mae3d": ("tiny", (*SHRUNK, "geometry.crop_sizes=[[16,16,16]]",
+                                          *ONE_LEVEL, "model.encoder=vit"), (2,)),
+                       "swin_ssl": ("tiny", ("method=swinssl", "geometry.crop_sizes=[[32,32,64]]",
+                                             "geometry.input_size=[32,32,64]", *ONE_LEVEL,
+                                             "model.dims=[12,24,48,96]"), (1,))}}
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _memory(dev: torch.device, reset: bool = False) -> float:
+    """Bytes allocated now (resetting the peak), or the peak since the reset."""
+    if dev.type != "cuda":  # the CPU has no allocator statistics to speak of
+        return float("nan")
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+        return float(torch.cuda.memory_allocated())
+    return float(torch.cuda.max_memory_allocated())
+
+
+def _config(preset: str, overrides: tuple[str, ...], batch: int) -> PretrainConfig:
+    return load_config("pretrain", preset, overrides=[*overrides, f"optim.batch_size={batch}"])
+
+
+class _Trainer:
+    """A model, its optimizer and an input batch, stepped by the real ``train_step``."""
+
+    def __init__(self, cfg: PretrainConfig, variant: Variant, dev: torch.device) -> None:
+        self.cfg, self.variant, self.dev, self.step = cfg, variant, dev, 0
+        torch.manual_seed(0)
+        self.model = build_pretrain_model(cfg).to(dev)
+        if cfg.train.compile:
+            train_mod.compile_blocks(self.model)
+        o = cfg.optim
+        self.opt = make_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay,
+                                  betas=o.betas, device=dev, fused=variant.fused and dev.type
+                                  == "cuda")
+        x = torch.rand(o.batch_size, 1, *cfg.geometry.crop_sizes[0],
+                       generator=torch.Generator().manual_seed(1))
+        self.x = x.pin_memory() if variant.pinned and dev.type == "cuda" else x
+        self.geometry = geometry_from_config(cfg.geometry)
+
+    def __call__(self) -> train_mod.StepResult:
+        o = self.cfg.optim
+        set_lr(self.opt, warmup_cosine(self.step, base_lr=o.lr, warmup_steps=o.warmup_steps,
+                                       total_steps=o.total_steps, min_lr=o.min_lr))
+        res = train_mod.train_step(self.model, self.opt, itertools.repeat(self.x), cfg=self.cfg,
+                                   geometry=self.geometry, step=self.step, rank=0,
+                                   device=self.dev)
+        if self.variant.host_sync:
+            _ = [float(v) for v in res.losses.values()], float(res.grad_norm)
+        self.step += 1
+        return res
+
+
+def measure(preset: str, overrides: tuple[str, ...], variant: Variant, batch: int,
+            mode: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+    """Samples/s and peak memory of ``steps`` timed steps after ``warmup`` steps."""
+    row: dict[str, Any] = {"variant": variant.name, "preset": preset, "batch": batch}
+    try:
+        run = _Trainer(_config(preset, (*overrides, *variant.overrides), batch), variant, dev)
+        for _ in range(mode["warmup"]):
+            run()
+        _sync(dev)
+        static = _memory(dev, reset=True)
+        t0 = time.perf_counter()
+        for _ in range(mode["steps"]):
+            res = run()
+        _sync(dev)
+        step_s = (time.perf_counter() - t0) / mode["steps"]
+        peak = _memory(dev)
+        row |= {"step_s": step_s, "samples_per_s": batch / step_s, "static_gib": static / GIB,
+                "peak_gib": peak / GIB, "peak_gib_per_sample": (peak - static) / GIB / batch,
+                "loss": float(res.losses["loss"])}
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    finally:
+        run = None  # free the model before the next case
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def profile_step(preset: str, overrides: tuple[str, ...], variant: Variant, batch: int,
+                 mode: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+    """Per-family time of one step, plus the idle GPU (wall minus kernel time)."""
+    run = _Trainer(_config(preset, (*overrides, *variant.overrides), batch), variant, dev)
+    for _ in range(mode["warmup"]):
+        run()
+    acts = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    _sync(dev)
+    with library_scopes(), torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        run()
+        _sync(dev)
+        wall = time.perf_counter() - t0
+    times = family_times(prof, dev.type == "cuda")
+    times["idle_gpu_or_host"] = max(0.0, wall - sum(times.values()))
+    return {"variant": variant.name, "batch": batch, "wall_s": wall,
+            "seconds": dict(sorted(times.items(), key=lambda kv: -kv[1])),
+            "share": {k: v / wall for k, v in times.items()}}
+
+
+def forward_flops(preset: str, overrides: tuple[str, ...], dev: torch.device) -> float:
+    """Forward FLOPs of one level-1 sample: the real MiM.forward + loss (cuDNN depthwise)."""
+    cfg = _config(preset, (*overrides, *BEFORE.overrides), 1)
+    model = build_pretrain_model(cfg).to(dev)
+    masks = train_mod.masks_to_device(sample_levels(1, geometry_from_config(cfg.geometry),
+                                                    torch.Generator().manual_seed(0)), dev)
+    x = torch.rand(1, 1, *cfg.geometry.crop_sizes[0], device=dev)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc, \
+            train_mod.autocast_context(dev, cfg.optim.precision):
+        train_mod.compute_losses(model(x, masks), cfg, 0)
+    return float(fc.get_total_flops())
+
+
+def gemm_peak(dev: torch.device, dtype: torch.dtype, n: int, reps: int = 10) -> float:
+    """Best FLOP/s of an n^3 matrix product on random data (after one warm-up)."""
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(reps + 1):
+        _sync(dev)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _best(rows: list[dict[str, Any]], variant: str) -> dict[str, Any] | None:
+    ok = [r for r in rows if r["variant"] == variant and "error" not in r]
+    return max(ok, key=lambda r: r["samples_per_s"]) if ok else None
+
+
+def run_all(mode: dict[str, Any], dev: torch.device, compiled: bool) -> dict[str, Any]:
+    """Every measurement of one invocation."""
+    p, ov, batches = mode["preset"], mode["overrides"], mode["batches"]
+    rows = [measure(p, ov, v, b, mode, dev) for v in (BEFORE, AFTER) for b in batches]
+    extra = [*MEMORY, *((COMPILED,) if compiled else ())]
+    rows += [measure(p, ov, v, b, mode, dev) for v in extra for b in (batches[0], batches[-1])]
+    after = _best(rows, "after") or {"batch": batches[0]}
+    profiles = [profile_step(p, ov, BEFORE, batches[0], mode, dev),
+                profile_step(p, ov, AFTER, after["batch"], mode, dev)]
+    baselines = {m: [{"method": m, **measure(bp, (*mode["common"], *bov), AFTER, b, mode, dev)}
+                     for b in bb] for m, (bp, bov, bb) in mode["baselines"].items()}
+    return {"rows": rows, "profiles": profiles, "baselines": baselines,
+            "forward_gflops_per_sample": forward_flops(p, ov, dev) / 1e9,
+            "gemm_flops_per_s": gemm_peak(dev, *mode["gemm"])}
+
+
+def results(data: dict[str, Any]) -> dict[str, float]:
+    """The RESULT lines (see the issue) from :func:`run_all`'s measurements."""
+    rows, out = data["rows"], {}
+    for r in rows:
+        if r["variant"] in ("before", "after") and "error" not in r:
+            out[f"mim_base_samples_per_s_{r['variant']}_b{r['batch']}"] = r["samples_per_s"]
+    before, after = _best(rows, "before"), _best(rows, "after")
+    if before and after:
+        out["mim_base_speedup_vs_before"] = after["samples_per_s"] / before["samples_per_s"]
+    if after:
+        flops = 3 * data["forward_gflops_per_sample"] * 1e9 * after["samples_per_s"]
+        out["mim_base_step_share_of_bf16_gemm"] = flops / data["gemm_flops_per_s"]
+        per = [r["peak_gib_per_sample"] for r in rows if r["variant"] == "after" and "error"
+               not in r]
+        out["mim_base_peak_gib_per_sample"] = max(per)
+    for r in rows:
+        ref = next((a for a in rows if a["variant"] == "after" and a["batch"] == r["batch"]
+                    and "error" not in a), None)
+        if r["variant"] not in ("before", "after") and "error" not in r and ref:
+            key = f"mim_base_{r['variant']}_b{r['batch']}"
+            out[f"{key}_step_time_vs_after"] = r["step_s"] / ref["step_s"]
+            out[f"{key}_peak_gib_per_sample"] = r["peak_gib_per_sample"]
+    for method, runs in data["baselines"].items():
+        best = _best(runs, "after")
+        if best:
+            out[f"{method}_samples_per_s"] = best["samples_per_s"]
+    return out
+
+
+def _machine(dev: torch.device) -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), platform.processor())
+    return {"device": str(dev), "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda"
+            else None, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton_version, "cpu": cpu, "cpu_count": os.cpu_count(),
+            "python": platform.python_version()}
+
+
+def _print(data: dict[str, Any], res: dict[str, float]) -> None:
+    for r in [*data["rows"], *(x for runs in data["baselines"].values() for x in runs)]:
+        tail = r.get("error") or (f"{r['samples_per_s']:8.3f} samples/s  step {r['step_s']:.4f}"
+                                  f" s  peak {r['peak_gib']:.2f} GiB")
+        name = r.get("method", f"mim_{r['variant']}")
+        print(f"# {name:36s} {r['preset']:10s} b{r['batch']:<3d} {tail}")
+    for prof in data["profiles"]:
+        print(f"# profile {prof['variant']} b{prof['batch']}: wall {prof['wall_s']:.4f} s")
+        for family, seconds in prof["seconds"].items():
+            print(f"#   {family:24s} {seconds * 1e3:10.2f} ms  {prof['share'][family]:6.1%}")
+    for key, value in res.items():
+        if not math.isnan(value):  # NaN: not measured (no allocator statistics on the CPU)
+            print(f"RESULT {key} {value:.4g}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure, print RESULT lines and the profile, write the JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="the same code on the CPU with a shrunk tiny preset (seconds; CI)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time train.compile=true (torch.compile of the blocks)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"result JSON (default {RESULT_FILE}; --quick writes none by default)")
+    args = ap.parse_args(argv)
+    if not args.quick and not torch.cuda.is_available():
+        print("gpu_pretrain.py needs a CUDA GPU (or --quick for the CPU smoke run)",
+              file=sys.stderr)
+        return 2
+    dev = torch.device("cpu" if args.quick else "cuda")
+    t0 = time.perf_counter()
+    data = run_all(QUICK if args.quick else FULL, dev, args.compile)
+    res = results(data)
+    _print(data, res)
+    out = args.out or (None if args.quick else RESULT_FILE)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+               "mode": "quick" if args.quick else "full", "machine": _machine(dev),
+               "wall_s": time.perf_counter() - t0, "results": res, **data}
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

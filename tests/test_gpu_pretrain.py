@@ -1,0 +1,71 @@
+"""``benchmarks/gpu_pretrain.py --quick``: the GPU benchmark's code runs end to end on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_pretrain.py"
+
+
+def _load(name: str):
+    """A benchmarks/ script as a module (benchmarks/ on sys.path, as when run as a script)."""
+    monkey = pytest.MonkeyPatch.context()
+    with monkey as mp:
+        mp.syspath_prepend(str(SCRIPT.parent))
+        spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def _module():
+    return _load("gpu_pretrain")
+
+
+def _profile():
+    return _load("_step_profile")
+
+
+def test_op_family_rules() -> None:
+    """Scopes win, autograd nodes name their forward op, kernels alone are named by kernel."""
+    classify = _profile().classify
+    assert classify(["mim3d::loss", "aten::mean"]) == "loss"
+    assert classify(["Optimizer.step#AdamW.step", "aten::_fused_adamw_"]) == "optimizer"
+    assert classify(["autograd::engine::evaluate_function: _TritonDepthwiseFnBackward",
+                     "aten::sum"]) == "depthwise_conv"
+    assert classify(["aten::convolution", "aten::cudnn_convolution"]) == "depthwise_conv"
+    assert classify(["aten::scaled_dot_product_attention"]) == "attention"
+    assert classify(["aten::linear", "aten::addmm"], "nvjet_hsh_128x256") == "convs_and_linears"
+    assert classify(["aten::layer_norm", "aten::native_layer_norm"]) == "norms_elementwise"
+    assert classify([], "_dw_wgrad_kernel") == "depthwise_conv"
+    assert classify(["aten::to", "aten::copy_"], "Memcpy HtoD (Pinned -> Device)") == \
+        "host_to_device_copies"
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same code as on the GPU, on a shrunk tiny preset: rows, profiles, RESULT lines, JSON."""
+    out = tmp_path / "gpu_pretrain.json"
+    assert _module().main(["--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["mode"] == "quick" and doc["machine"]["torch"]
+    res = doc["results"]
+    for key in ("mim_base_samples_per_s_before_b1", "mim_base_samples_per_s_after_b2",
+                "mim_base_speedup_vs_before", "mim_base_step_share_of_bf16_gemm",
+                "hybrid_mae_samples_per_s", "mae3d_samples_per_s", "swin_ssl_samples_per_s",
+                "mim_base_after_no_conv_recompute_b1_step_time_vs_after"):
+        assert res[key] > 0, key
+        assert f"RESULT {key} " in printed
+    assert not [r for r in doc["rows"] if "error" in r]
+    for prof in doc["profiles"]:  # the families (and the idle rest) account for the step
+        assert sum(prof["seconds"].values()) == pytest.approx(prof["wall_s"], rel=0.05)
+        assert prof["seconds"]["convs_and_linears"] > 0 and prof["seconds"]["optimizer"] > 0
+    assert {r["variant"] for r in doc["rows"]} == {
+        "before", "after", "after_no_conv_recompute", "after_plus_block_checkpointing"}
