@@ -1,5 +1,5 @@
-"""Tests of mim3d.engine.checkpoint (and of the single-process distributed helpers it relies on;
-the gloo world-of-two test lives in tests/test_dist.py)."""
+"""Tests of mim3d.engine.checkpoint and mim3d.runfolder (and of the single-process distributed
+helpers they rely on; the gloo world-of-two test lives in tests/test_dist.py)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,18 @@ from torch import nn
 
 from mim3d.engine import dist as mdist
 from mim3d.engine.checkpoint import (
-    LATEST_FILE,
     CheckpointError,
     capture_rng_state,
-    find_latest,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+)
+from mim3d.runfolder import (
+    LATEST_FILE,
+    find_latest,
+    locate_checkpoint,
+    read_checkpoint_config,
+    read_run_config,
 )
 
 
@@ -237,15 +242,14 @@ def test_single_process_defaults(monkeypatch) -> None:
     info = mdist.init_distributed(device="cpu")
     assert (info.rank, info.world_size, info.local_rank, info.is_main) == (0, 1, 0, True)
     assert info.device == torch.device("cpu")
-    assert mdist.is_main() and mdist.get_world_size() == 1
+    assert mdist.get_rank() == 0 and mdist.get_world_size() == 1
     mdist.barrier()
     x = torch.tensor([1, 2])
     assert torch.equal(mdist.all_reduce_mean(x), torch.tensor([1.0, 2.0]))
     mdist.cleanup()
-    assert mdist.seed_everything(7, rank=2) == 9
-    a = torch.rand(2)
-    mdist.seed_everything(9)
-    assert torch.equal(a, torch.rand(2))
+    # one process: a backend error is not about peers and passes through unchanged
+    with pytest.raises(RuntimeError, match="^gloo"), mdist.peer_errors(info):
+        raise RuntimeError("gloo: Connection reset by peer")
 
 
 
@@ -259,3 +263,30 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, step=3, model=nn.Linear(2, 2))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(["ckpt_00000003", live.name, "latest"])
+
+
+def test_locate_checkpoint_and_run_config(tmp_path: Path) -> None:
+    from mim3d.config import ConfigError, load_config, save_config, to_dict
+
+    run = tmp_path / "run"
+    cfg = load_config("pretrain", "tiny", overrides=["optim.lr=0.25"])
+    for step in (2, 4):
+        save_checkpoint(run, step=step, model=nn.Linear(2, 2), config=to_dict(cfg))
+    latest = run / "ckpt_00000004"
+    assert locate_checkpoint(run) == (latest, latest / "model.safetensors", run)
+    assert locate_checkpoint(run / "ckpt_00000002").folder == run / "ckpt_00000002"
+    weights = latest / "model.safetensors"
+    assert locate_checkpoint(weights) == (latest, weights, run)
+    with pytest.raises(FileNotFoundError, match="no such run"):
+        locate_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        locate_checkpoint(tmp_path)
+    # config.yaml wins; without it the newest checkpoint's meta.json is read
+    assert read_run_config(run, "pretrain").optim.lr == 0.25
+    save_config(load_config("pretrain", "tiny"), run / "config.yaml")
+    assert read_run_config(run, "pretrain").optim.lr == load_config("pretrain", "tiny").optim.lr
+    assert read_checkpoint_config(latest, "pretrain").optim.lr == 0.25
+    assert read_run_config(tmp_path, "pretrain") is None
+    (run / "config.yaml").write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="config.yaml"):
+        read_run_config(run, "pretrain")

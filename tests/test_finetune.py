@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -136,19 +137,74 @@ def test_resume_continues_the_run_with_its_own_config(cohort: Path, tmp_path: Pa
     assert records[2]["lr"] == pytest.approx(want)
 
 
-def test_sigterm_checkpoints_and_returns(cohort: Path, tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigterm_checkpoints_logs_and_returns_the_signal(cohort: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     original = ft_module._Run.train_step
 
-    def step_then_signal(self: object, batches: object) -> tuple:
-        out = original(self, batches)
+    def step_then_signal(self: object, step: int, batches: object) -> object:
+        out = original(self, step, batches)
         signal.raise_signal(signal.SIGTERM)  # as a cluster's preemption notice would arrive
         return out
 
     monkeypatch.setattr(ft_module._Run, "train_step", step_then_signal)
-    result = _run(_cfg(), cohort, tmp_path / "run")
-    assert result.stopped_by_signal and result.step == 1
-    assert result.last_checkpoint == tmp_path / "run" / "ckpt_00000001"
+    result = _run(_cfg("train.log_every=1000"), cohort, tmp_path / "run")
+    assert result.stopped_by_signal and result.stop_signal == signal.SIGTERM
+    assert result.step == 1 and result.last_checkpoint == tmp_path / "run" / "ckpt_00000001"
+    assert [r["step"] for r in _jsonl(result.metrics)] == [1]  # the stopped step is logged
+
+
+# ------------------------------------------------------------------------------ classes, memory
+
+
+def test_datalist_labels_and_preset_aliases_are_reconciled(cohort: Path) -> None:
+    """``mim3d phantoms`` labels name raw ids; study-phantom's aliases (4 -> 0, 6 -> 4) apply
+    to them, so liver is class 4 *named liver* and gallbladder drops out."""
+    from mim3d.data.phantom import LABELS as PHANTOM
+    from mim3d.engine.downstream_run import resolve_task
+
+    task = _cfg(preset="study-phantom").task
+    got = resolve_task(task, dict(PHANTOM))
+    assert got.labels[4] == "liver" and "gallbladder" not in got.labels.values()
+    assert got.labels[1] == "spleen" and 6 not in got.labels and got.num_classes == 18
+    raw = json.loads(cohort.read_text())["training"][0]["label"]
+    label = np.asarray(nib.load(str(cohort.parent / raw)).dataobj)
+    mapped = remap_labels(label, got.labels, aliases=got.label_aliases)
+    assert (mapped[label == 6] == 4).all() and (mapped[label == 4] == 0).all()
+    assert (mapped[label == 1] == 1).all()
+    scored = resolve_task(task, {0: "bg", 1: "spleen", 2: "right_kidney", 3: "left_kidney",
+                                 6: "liver"})
+    assert scored.labels == {1: "spleen", 2: "right_kidney", 3: "left_kidney", 4: "liver"}
+    # a datalist naming class ids instead of raw ids clashes with the aliases: named both
+    with pytest.raises(ValueError, match=r"label clash: the preset's task.labels name class 4 "
+                                         r"'liver'.*give class 4 no name \(raw id 6"):
+        resolve_task(task, {1: "spleen", 4: "liver"})
+    with pytest.raises(ValueError, match=r"raw ids 4 \('gallbladder'\) and 6 \('liver'\)"):
+        resolve_task(replace(task, label_aliases={6: 4}), dict(PHANTOM))
+
+
+def test_memory_estimate_and_refusal(cohort: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch import nn
+
+    from mim3d.engine import runtime
+    from mim3d.factory import build_downstream
+
+    # hand count: conv input 8^3 fp32 (2048 B) + its weight 2*27 (216 B) + ReLU output (4096 B)
+    net = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ReLU())
+    assert runtime.saved_activation_bytes(net, (1, 1, 8, 8, 8)) == 2048 + 216 + 4096
+    # the cc-ccii preset (384x384x32): one sample fits a 24 GiB machine, four at once do not
+    cls = build_downstream(network="classifier", size="tiny", in_channels=1, out_channels=3,
+                           roi=(384, 384, 32))
+    one = runtime.estimate_step_bytes(cls, (1, 1, 384, 384, 32), "fp32")
+    assert 8 * 2**30 < one < 20 * 2**30
+    assert runtime.estimate_step_bytes(cls, (4, 1, 384, 384, 32), "fp32") > 24 * 2**30
+    ccii = load_config("downstream", "cc-ccii").optim
+    assert (ccii.batch_size, ccii.accum_steps) == (1, 4)  # the effective batch stays 4
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda device: 2**20)
+    with pytest.raises(runtime.MemoryEstimateError, match=r"needs about .* GiB, but 0\.0 GiB "
+                                                          r"are available.*optim\.batch_size"):
+        _run(_cfg(), cohort, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_lora_run_with_a_pretrained_encoder(cohort: Path, tmp_path: Path) -> None:
@@ -189,8 +245,8 @@ def test_label_off_its_image_grid_is_refused(cohort: Path, tmp_path: Path) -> No
 
 
 def test_unknown_class_id_is_refused(cohort: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown class id 9"):
-        _run(_cfg("task.label_aliases={7: 9}"), cohort, tmp_path / "a")
+    with pytest.raises(ValueError, match="unknown class id 20"):
+        _run(_cfg("task.label_aliases={7: 20}"), cohort, tmp_path / "a")
     raw = json.loads(cohort.read_text())
     entries = [{"image": e["image"], "label": i} for i, e in enumerate(raw["training"])]
     entries[-1]["label"] = 3

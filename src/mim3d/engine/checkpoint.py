@@ -8,7 +8,8 @@ config, and the byte sizes of the other two files to detect truncation).
 
 The folder is written as ``<name>.tmp-<pid>`` and renamed into place, then the text file
 ``<run_dir>/latest`` is replaced atomically; a crash at any moment leaves the previous or the new
-checkpoint, never a half-written one under a final name.
+checkpoint, never a half-written one under a final name. File names, lookup (``find_latest``)
+and ``meta.json`` reading live in :mod:`mim3d.runfolder`; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -32,6 +33,21 @@ from torch import nn
 
 from mim3d import __version__
 from mim3d.engine.dist import capture_rng_state, gather_rng_states, get_rank, restore_rng_state
+from mim3d.runfolder import (
+    CHECKPOINT_FILES,
+    LATEST_FILE,
+    META_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_name,
+    checkpoint_step,
+    damaged,
+    find_latest,
+    list_checkpoints,
+    one_line,
+    read_meta,
+)
 
 __all__ = [
     "LATEST_FILE", "META_FILE", "MODEL_FILE", "STATE_FILE", "CheckpointError",
@@ -39,23 +55,8 @@ __all__ = [
     "load_checkpoint", "restore_rng_state", "save_checkpoint", "unwrap_model",
 ]  # fmt: skip
 
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
-LATEST_FILE = "latest"
 FORMAT_VERSION = 1
-_FILES = (MODEL_FILE, STATE_FILE, META_FILE)
-_NAME_RE = re.compile(r"ckpt_(\d{8,})")
 _TMP_RE = re.compile(r"(?:ckpt_\d{8,}|latest)\.tmp-(\d+)")  # a save in progress, or left by a kill
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupt or does not fit the model/optimizer."""
-
-
-def checkpoint_name(step: int) -> str:
-    """Folder name of the checkpoint taken at ``step``."""
-    return f"ckpt_{step:08d}"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -161,16 +162,6 @@ def _write_pointer(run_dir: Path, name: str) -> None:
     os.replace(tmp, run_dir / LATEST_FILE)
 
 
-def _list_checkpoints(run_dir: Path, complete_only: bool) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of the final-named checkpoint folders, oldest first."""
-    found = []
-    for entry in run_dir.iterdir():
-        match = _NAME_RE.fullmatch(entry.name)
-        if match and entry.is_dir() and (not complete_only or _is_complete(entry)):
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -198,7 +189,7 @@ def _remove_stale_temps(run_dir: Path) -> None:
 
 
 def _prune(run_dir: Path, keep_last: int, keep: Path) -> None:
-    folders = [path for _, path in _list_checkpoints(run_dir, complete_only=False)]
+    folders = [path for _, path in list_checkpoints(run_dir, complete_only=False)]
     for path in folders[:-keep_last]:
         if path != keep:
             shutil.rmtree(path, ignore_errors=True)
@@ -298,96 +289,40 @@ def _write_atomically(run_dir: Path, name: str, weights: dict[str, torch.Tensor]
 # ---------------------------------------------------------------------------- loading
 
 
-def _is_complete(folder: Path) -> bool:
-    return all((folder / f).is_file() for f in _FILES)
-
-
-def find_latest(run_dir: str | os.PathLike[str]) -> Path | None:
-    """Newest complete checkpoint of a run, or ``None``.
-
-    Follows the ``latest`` pointer when it names a complete checkpoint; otherwise (pointer
-    missing or stale) takes the highest-step folder that has all three files. Temporary
-    ``*.tmp-*`` folders are never considered. A checkpoint folder itself is returned as is.
-    """
-    run_dir = Path(run_dir)
-    if _is_complete(run_dir):
-        return run_dir
-    if not run_dir.is_dir():
-        return None
-    try:
-        name = (run_dir / LATEST_FILE).read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        name = ""
-    if _NAME_RE.fullmatch(name) and _is_complete(run_dir / name):
-        return run_dir / name
-    found = _list_checkpoints(run_dir, complete_only=True)
-    return found[-1][1] if found else None
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def _damaged(file: Path, problem: str) -> CheckpointError:
-    return CheckpointError(
-        f"{file}: {problem}; the checkpoint is damaged: delete {file.parent} and resume from "
-        "an older checkpoint (find_latest picks the newest complete one)"
-    )
-
-
-def _read_meta(folder: Path) -> dict[str, Any]:
-    missing = [f for f in _FILES if not (folder / f).is_file()]
-    if missing:
-        raise CheckpointError(f"{folder} is not a complete checkpoint (missing "
-                              f"{', '.join(missing)}); pick another one or use find_latest")
-    try:
-        meta = json.loads((folder / META_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _damaged(folder / META_FILE, f"unreadable ({_one_line(error)})") from error
-    if not isinstance(meta, dict):
-        raise _damaged(folder / META_FILE, "not a JSON object")
-    for file, size in (meta.get("files") or {}).items():
-        actual = (folder / file).stat().st_size
-        if actual != size:
-            raise _damaged(folder / file, f"{actual} bytes instead of {size} (truncated?)")
-    return meta
-
-
 def _load_model(folder: Path, model: nn.Module, map_location: str, strict: bool) -> Any:
     path = folder / MODEL_FILE
     try:
         weights = load_file(str(path), device=map_location)
     except Exception as error:  # safetensors raises its own error types
-        raise _damaged(path, f"cannot be read ({_one_line(error)})") from error
+        raise damaged(path, f"cannot be read ({one_line(error)})") from error
     target = unwrap_model(model)
     expected = set(target.state_dict())
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if strict and (missing or unexpected):
         raise CheckpointError(f"{path} does not fit this model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}; check the model preset or load "
-                              "with strict=False")
+                              f"unexpected {unexpected[:5]}; it was written with another preset or "
+                              "--set model.* override: use the run's own preset")
     try:
         return target.load_state_dict(weights, strict=strict)
     except RuntimeError as error:  # e.g. shape mismatches, which strict=False still rejects
-        detail = _one_line(error).split("state_dict for ", 1)[-1]
+        detail = one_line(error).split("state_dict for ", 1)[-1]
         raise CheckpointError(f"{path} does not fit this model ({detail})") from error
 
 
 def _load_state(path: Path, map_location: str) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` of ``state.pt`` with one-line errors."""
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
-        raise _damaged(path, "not a torch.save archive (truncated or overwritten?)")
+        raise damaged(path, "not a torch.save archive (truncated or overwritten?)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = _one_line(error).split(". ")[0]
-        raise _damaged(path, f"holds objects that weights_only loading refuses ({first})"
+        first = one_line(error).split(". ")[0]
+        raise damaged(path, f"holds objects that weights_only loading refuses ({first})"
                        ) from error
     except Exception as error:  # zip and stream errors of a damaged archive
-        raise _damaged(path, f"cannot be read ({_one_line(error)})") from error
+        raise damaged(path, f"cannot be read ({one_line(error)})") from error
     if not isinstance(state, dict) or "step" not in state:
-        raise _damaged(path, "not a mim3d training state")
+        raise damaged(path, "not a mim3d training state")
     return state
 
 
@@ -411,7 +346,7 @@ def _load_component(obj: Any, saved: Any, what: str, path: Path) -> None:
         obj.load_state_dict(saved)
     except (ValueError, KeyError, RuntimeError) as error:
         raise CheckpointError(f"{path}: the saved {what} state does not fit this {what} "
-                              f"({_one_line(error)})") from error
+                              f"({one_line(error)})") from error
 
 
 def load_checkpoint(
@@ -445,13 +380,13 @@ def load_checkpoint(
             not fit the given objects; the message is one line naming the file.
     """
     folder: Path | None = Path(path)
-    looks_like_checkpoint = _NAME_RE.fullmatch(folder.name) or any(
-        (folder / f).exists() for f in _FILES)
+    looks_like_checkpoint = checkpoint_step(folder.name) is not None or any(
+        (folder / f).exists() for f in CHECKPOINT_FILES)
     if not looks_like_checkpoint:  # a run folder: take its newest complete checkpoint
         folder = find_latest(folder)
     if folder is None:
         raise CheckpointError(f"no complete checkpoint in {path}; check the path")
-    meta = _read_meta(folder)
+    meta = read_meta(folder)
     location = str(map_location)
     result = _load_model(folder, model, location, strict)
     state_path = folder / STATE_FILE

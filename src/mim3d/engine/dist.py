@@ -6,8 +6,12 @@ single process: :func:`init_distributed` returns rank 0 of 1, and the collective
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 import random
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +20,9 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "DEFAULT_TIMEOUT_S",
     "DistInfo",
+    "PeerLostError",
     "all_reduce_mean",
     "barrier",
     "capture_rng_state",
@@ -25,10 +31,19 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "init_distributed",
-    "is_main",
+    "peer_errors",
     "restore_rng_state",
-    "seed_everything",
 ]
+
+
+#: Seconds a collective may wait for the other ranks (``train.dist_timeout_s``): long enough for
+#: rank 0 to write a checkpoint or prepare a store while the others wait, short enough that a
+#: rank whose peers died does not hang for PyTorch's default 30 minutes.
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class PeerLostError(ValueError):
+    """Another rank died or stopped answering: this rank stops with one clear line."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +70,8 @@ def _pick_device(local_rank: int, device: str | torch.device | None) -> torch.de
 
 
 def init_distributed(
-    *, backend: str | None = None, device: str | torch.device | None = None
+    *, backend: str | None = None, device: str | torch.device | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> DistInfo:
     """Join the process group described by torchrun's environment, or run single-process.
 
@@ -66,6 +82,7 @@ def init_distributed(
         backend: process-group backend; default NCCL when the device is CUDA, gloo otherwise.
         device: force a device (e.g. ``"cpu"`` to run gloo on a GPU machine); default
             ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
+        timeout_s: how long a collective waits for the other ranks before it fails.
 
     Returns:
         A :class:`DistInfo`. On CUDA, the current device is set to ``info.device``.
@@ -84,8 +101,9 @@ def init_distributed(
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         chosen = backend or ("nccl" if dev.type == "cuda" else "gloo")
-        dist.init_process_group(backend=chosen, init_method="env://",
-                                rank=rank, world_size=world_size)
+        dist.init_process_group(backend=chosen, init_method="env://", rank=rank,
+                                world_size=world_size,
+                                timeout=datetime.timedelta(seconds=float(timeout_s)))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
                     is_main=rank == 0)
@@ -103,11 +121,6 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Number of processes (1 when not distributed)."""
     return dist.get_world_size() if _active() else 1
-
-
-def is_main() -> bool:
-    """True on rank 0, and in a single-process run."""
-    return get_rank() == 0
 
 
 def barrier() -> None:
@@ -141,27 +154,49 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    """Leave the process group (no-op when none)."""
+    """Leave the process group (no-op when none).
+
+    Call it only after a clean end on every rank: destroying the group while a peer is still
+    in a collective makes that peer wait for its timeout.
+    """
     if _active():
+        # Every rank reaches the end before any tears down: a rank whose peer has already
+        # exited can block in gloo's teardown (its transport threads wait on a closed pair).
+        dist.barrier()
         dist.destroy_process_group()
 
 
-def seed_everything(seed: int, rank: int = 0) -> int:
-    """Seed python, numpy and torch (CPU and all GPUs) with ``seed + rank``.
+#: How gloo words a peer that died (its connection reset or closed) or did not answer in time;
+#: NCCL and the store raise ``torch.distributed.DistError`` subclasses.
+_COMM_FAILURE = re.compile(r"connection (reset|closed|refused)|closed by peer|timed out",
+                           re.IGNORECASE)
 
-    Ranks get different seeds so that data sampling and augmentation differ between them; model
-    initialisation still agrees because DDP broadcasts rank 0's weights when it wraps the model.
 
-    Returns:
-        The seed used by this process.
+def _comm_detail(error: BaseException) -> str:
+    """The informative part of a backend error, e.g. ``Connection reset by peer``."""
+    text = " ".join(str(error).split())
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's "[.../pair.cc:537] " source location
+    return text.split(". ")[0][:160]
+
+
+@contextlib.contextmanager
+def peer_errors(info: DistInfo) -> Iterator[None]:
+    """Turn a collective that failed because a peer is gone into one :class:`PeerLostError`.
+
+    Under torchrun a rank whose peer died gets a gloo/NCCL error (at once when the peer's
+    connection is reset, after ``train.dist_timeout_s`` when it just stops answering); the
+    traceback of it says little. Other errors pass through unchanged.
     """
-    if seed < 0 or rank < 0:
-        raise ValueError(f"seed and rank must be >= 0; got {seed}, {rank}")
-    value = seed + rank
-    random.seed(value)
-    np.random.seed(value % 2**32)
-    torch.manual_seed(value)  # also seeds every CUDA device
-    return value
+    try:
+        yield
+    except RuntimeError as exc:
+        comm = isinstance(exc, dist.DistError) or _COMM_FAILURE.search(str(exc))
+        if info.world_size == 1 or not comm:
+            raise
+        raise PeerLostError(
+            f"rank {info.rank} of {info.world_size} lost contact with the other ranks "
+            f"({_comm_detail(exc)}): a peer died or did not answer within train.dist_timeout_s; "
+            "stopping. Check the other ranks' logs, then continue with --resume") from None
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -209,7 +244,7 @@ def gather_rng_states() -> list[dict[str, Any]]:
     """RNG states of every rank, in rank order (a collective: call it on all ranks).
 
     Pass the result to ``checkpoint.save_checkpoint`` on rank 0 so that each rank gets its own
-    stream back on resume (ranks are seeded differently, see :func:`seed_everything`).
+    stream back on resume.
     """
     own = capture_rng_state()
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

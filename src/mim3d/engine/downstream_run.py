@@ -17,6 +17,7 @@ permutation of the training split, so smaller fractions are nested in larger one
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,9 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from torch import Tensor, nn
 
-from mim3d.config import FinetuneConfig, TaskConfig
+from mim3d import __version__
+from mim3d.config import ConfigError, FinetuneConfig, TaskConfig, to_dict
 from mim3d.data.datalists import (
     case_name,
     load_datalist,
@@ -34,13 +37,18 @@ from mim3d.data.datalists import (
     parse_label_map,
     resolve_inputs,
 )
-from mim3d.data.transforms import seg_label_ids
-from mim3d.evaluation import sliding_window_predict
+from mim3d.data.transforms import make_dataset, seg_label_ids
+from mim3d.engine.train import autocast_context
+from mim3d.evaluation import dice, sliding_window_predict
+from mim3d.runfolder import SPEC_FORMAT
 
 __all__ = ["Item", "Splits", "add_lora", "build_network", "class_names", "datalist_items",
-           "load_pretrained", "predict_logits", "read_cases", "resolve_task", "split_cases"]
+           "load_pretrained", "make_datasets", "new_spec", "plain_tensor", "predict_logits",
+           "read_cases", "resolve_task", "score_case", "split_cases"]
 
 Item = dict[str, Any]
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ cases and classes
@@ -106,15 +114,19 @@ def resolve_task(task: TaskConfig, labels: dict[int, str],
                  cases: list[Item] | None = None) -> TaskConfig:
     """The task with the datalist's classes (seg: ids >= 1; cls: ids 0..K-1).
 
+    This is the one place where a datalist's label map, the preset's ``task.labels`` and its
+    ``task.label_aliases`` meet (see :func:`_seg_classes`).
+
     Raises:
-        ValueError: an unknown class id: a negative id, a ``task.label_aliases`` target that is
-            not a class, or a classification case label outside the classes.
+        ValueError: an unknown class id (a negative id, a ``task.label_aliases`` target that is
+            not a class, a classification case label outside the classes), or a clash between
+            the datalist's labels, the preset's labels and its aliases (the message names both).
     """
     bad = [i for i in labels if i < 0]
     if bad:
         raise ValueError(f"unknown class id {bad[0]} in the datalist labels: ids must be >= 0")
     if task.task == "seg":
-        names = {i: n for i, n in labels.items() if i != 0}
+        names = _seg_classes(task, labels)
         if names:
             task = replace(task, labels=names, num_classes=max(2, max(names) + 1))
         known = set(seg_label_ids(task))
@@ -131,6 +143,42 @@ def resolve_task(task: TaskConfig, labels: dict[int, str],
             raise ValueError(f"case {item['name']}: unknown class id {item.get('label')}; the "
                              f"classes are {sorted(known)}")
     return task
+
+
+def _seg_classes(task: TaskConfig, labels: dict[int, str]) -> dict[int, str]:
+    """Segmentation classes ``{class id: name}`` from a datalist's label map (empty: none given).
+
+    A datalist's ``labels`` name the ids in its label files; ``task.label_aliases`` (raw id ->
+    class id, 0 = background) apply to those raw ids, so a raw id aliased onto class ``c``
+    lends ``c`` its name, and an aliased-away raw id drops out. The datalist's map then
+    replaces the preset's ``task.labels``, which must agree on every alias target it names.
+    """
+    aliases = dict(task.label_aliases or {})
+    raw = {i: n for i, n in labels.items() if i != 0}
+    classes: dict[int, tuple[int, str]] = {}  # class id -> (raw id, name)
+    for rid, name in sorted(raw.items()):
+        cls = aliases.get(rid, rid)
+        if cls == 0:
+            continue
+        if cls in classes and classes[cls][1] != name:
+            other, was = classes[cls]
+            raise ValueError(f"label clash: the datalist's raw ids {other} ({was!r}) and {rid} "
+                             f"({name!r}) both become class {cls} under task.label_aliases "
+                             f"{aliases}; drop one in the aliases (map it to 0)")
+        classes[cls] = (rid, name)
+    preset = task.labels or {}
+    for cls in sorted({c for c in aliases.values() if c != 0 and c in preset}):
+        got = classes.get(cls)
+        if raw and (got is None or got[1] != preset[cls]):
+            sources = ", ".join(str(r) for r, c in sorted(aliases.items()) if c == cls)
+            theirs = (f"{got[1]!r} (raw id {got[0]})" if got else
+                      f"no name (raw id {sources} is not in the datalist's labels)")
+            raise ValueError(f"label clash: the preset's task.labels name class {cls} "
+                             f"{preset[cls]!r}, but the datalist's labels with task.label_aliases "
+                             f"{aliases} give class {cls} {theirs}; the datalist's labels must "
+                             "name the raw ids of its label files (or override task.labels / "
+                             "task.label_aliases)")
+    return {cls: name for cls, (_, name) in sorted(classes.items())}
 
 
 def class_names(task: TaskConfig) -> dict[int, str]:
@@ -206,6 +254,48 @@ def split_cases(names: list[str], *, seed: int, folds: int = 5, fold: int = 0,
                   train_all, order)
 
 
+# ------------------------------------------------------------------------------ spec and data
+
+
+def new_spec(cfg: FinetuneConfig, *, data: str | Path, network: str, size: str,
+              pretrained: str | Path | None, lora_rank: int | None, splits: Splits) -> dict:
+    """A new run's ``finetune.json``: what prediction needs to rebuild its network.
+
+    Raises:
+        ConfigError: a LoRA rank, network or roi that does not fit the task.
+    """
+    task = cfg.task
+    if lora_rank is not None and (isinstance(lora_rank, bool) or lora_rank < 1):
+        raise ConfigError(f"--lora-rank must be an int >= 1 (paper: 4, 8, 16), got {lora_rank}")
+    if (task.task == "cls") != (network == "classifier"):
+        raise ConfigError(f"--network {network} does not fit task {task.task!r}: use classifier "
+                          "for cls, mim-unetr, unetr or swinunetr for seg")
+    if network == "swinunetr" and any(r % 32 for r in task.roi):
+        raise ConfigError(f"task.roi={list(task.roi)}: swinunetr needs sides divisible by 32")
+    return {"format": SPEC_FORMAT, "format_version": 1, "mim3d_version": __version__,
+            "task": task.task, "network": network, "size": size, "preset": cfg.name,
+            "in_channels": task.in_channels, "num_classes": task.num_classes,
+            "roi": list(task.roi), "classes": {str(k): v for k, v in class_names(task).items()},
+            "label_aliases": task.label_aliases, "data": str(Path(data).resolve()),
+            "pretrained": str(Path(pretrained).resolve()) if pretrained else None,
+            "transfer": None, "lora_rank": lora_rank, "lora": None,
+            "label_fraction": splits.label_fraction, "fold": splits.fold, "folds": splits.folds,
+            "config": to_dict(cfg)}
+
+
+def make_datasets(cfg: FinetuneConfig, splits: Splits, train_items: list[Item],
+              val_items: list[Item]) -> tuple[Any, Any]:
+    """Cached train/validation datasets; reading every case here finds bad ones before the run
+    folder is touched (a label off its image's grid, wrong channels, unreadable files)."""
+    by_name = {item["name"]: item for item in train_items}
+    val = val_items or [by_name[n] for n in splits.validation]
+    common = {"workers": cfg.train.workers, "seed": cfg.train.seed}
+    train_ds = make_dataset([by_name[n] for n in splits.train], cfg.data, cfg.task, train=True,
+                            **common)
+    val_ds = make_dataset(val, cfg.data, cfg.task, train=False, **common) if val else None
+    return train_ds, val_ds
+
+
 # ------------------------------------------------------------------------------ network
 
 
@@ -253,7 +343,7 @@ def load_pretrained(model: nn.Module, spec: dict[str, Any], path: str | Path,
         if theirs is not None and theirs != mine:
             report.notes.append(f"The encoder was pre-trained with {key} {theirs}; this run "
                                 f"uses {mine}.")
-    print(f"pretrained encoder {path}: {report.summary()}")
+    logger.info("pretrained encoder %s: %s", path, report.summary())
     return report.to_dict()
 
 
@@ -271,3 +361,23 @@ def predict_logits(model: nn.Module, image: Tensor, task: TaskConfig,
             return model(image.to(device)).float().cpu()
     finally:
         model.train(was_training)
+
+
+def score_case(model: nn.Module, item: Item, cfg: FinetuneConfig, class_ids: list[int],
+               device: torch.device) -> float:
+    """Validation score of one preprocessed case: mean Dice over the foreground classes present
+    (seg, on the preprocessed grid; NaN when none is) or 1/0 for a right/wrong class (cls)."""
+    image, task = plain_tensor(item["image"])[None], cfg.task
+    with autocast_context(device, cfg.optim.precision):
+        logits = predict_logits(model, image, task, device)
+    if task.task == "cls":
+        return float(int(logits.argmax(1)) == int(item["label"]))
+    pred, gt = logits.argmax(1)[0].numpy(), plain_tensor(item["label"])[0].numpy()
+    values = [dice(pred, gt, c) for c in class_ids]
+    finite = [v for v in values if math.isfinite(v)]  # absent classes are not scored
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def plain_tensor(t: Tensor) -> Tensor:
+    """A MetaTensor's plain tensor: the network needs no meta data, and it costs time."""
+    return t.as_tensor() if isinstance(t, MetaTensor) else t

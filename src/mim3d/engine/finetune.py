@@ -1,9 +1,10 @@
 """``mim3d finetune``: a downstream segmentation or classification run.
 
-A run folder holds ``config.yaml`` (the resolved config; the task's classes are the datalist's,
-see :mod:`mim3d.engine.downstream_data`), ``finetune.json`` (network, size, classes, pretrained
-encoder and its transfer report, LoRA report: what :mod:`mim3d.engine.predict` needs to rebuild
-the network), ``splits.json``, ``transfer_report.json`` (when an encoder was loaded),
+A run folder (:mod:`mim3d.runfolder`) holds ``config.yaml`` (the resolved config; the task's
+classes are the datalist's, reconciled with the preset's aliases by
+:func:`mim3d.engine.downstream_run.resolve_task`), ``finetune.json`` (network, size, classes,
+pretrained encoder and its transfer report, LoRA report: what :mod:`mim3d.engine.predict` needs
+to rebuild the network), ``splits.json``, ``transfer_report.json`` (when an encoder was loaded),
 ``metrics.jsonl``, ``tensorboard/``, ``ckpt_<step>/`` (the last checkpoints, with optimizer
 state) and ``best/ckpt_<step>/`` + ``best/best.json`` (the weights of the best validation score:
 mean foreground Dice on the preprocessed grid for seg, accuracy for cls).
@@ -11,7 +12,9 @@ mean foreground Dice on the preprocessed grid for seg, accuracy for cls).
 Recipe (the paper's, DESIGN.md section 5): DiceCE loss (cls: cross-entropy), label-balanced
 positive/negative crops and the preset's augmentations (:mod:`mim3d.data.transforms`), AdamW
 without decay on norms/biases/tokens, linear warm-up + cosine per step, gradient clipping, bf16
-autocast on a GPU, sliding-window validation with Gaussian blending.
+autocast on a GPU, sliding-window validation with Gaussian blending. The loop (schedule,
+signals, cadence, metrics) is :mod:`mim3d.engine.loop`; before anything is written, the memory
+of one training step is estimated and a run that cannot fit is refused.
 
 Resuming restores weights, optimizer, scaler, step and best score exactly, but the data order
 after a resume is drawn anew from ``(seed, step)``: the run continues correctly but is not bitwise
@@ -22,8 +25,8 @@ not checkpointed).
 from __future__ import annotations
 
 import json
+import logging
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,54 +34,59 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from monai.data import DataLoader, MetaTensor
+from monai.data import DataLoader
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from mim3d import __version__
-from mim3d.config import ConfigError, FinetuneConfig, config_from_dict, save_config
+from mim3d.config import ConfigError, FinetuneConfig, save_config
 from mim3d.config import to_dict as config_to_dict
-from mim3d.data.transforms import make_dataset
-from mim3d.engine.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from mim3d.engine import dist as D
+from mim3d.engine.checkpoint import load_checkpoint, save_checkpoint
 from mim3d.engine.downstream_run import (
-    Item,
     Splits,
     add_lora,
     class_names,
     load_pretrained,
-    predict_logits,
+    make_datasets,
+    new_spec,
+    plain_tensor,
     read_cases,
     resolve_task,
+    score_case,
     split_cases,
 )
-from mim3d.engine.monitor import (
-    RunMonitor,
-    StepMeter,
-    StopSignal,
-    signals_ignored,
-    truncate_metrics,
-)
-from mim3d.engine.optim import param_groups, set_lr, warmup_cosine
-from mim3d.engine.runtime import tune_cpu_allocator
+from mim3d.engine.loop import LoopSpec, run_loop
+from mim3d.engine.monitor import RunMonitor, signals_ignored, truncate_metrics
+from mim3d.engine.optim import make_optimizer
+from mim3d.engine.runtime import check_step_memory, tune_cpu_allocator
 from mim3d.engine.train import (
     NonFiniteLossError,
     autocast_context,
     clip_and_step,  # the pre-training step's clip + update, reused
     make_scaler,
+    resolve_precision,
 )
-from mim3d.evaluation import dice
+from mim3d.runfolder import (
+    BEST_DIR,
+    BEST_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SPEC_FILE,
+    SPLITS_FILE,
+    TRANSFER_REPORT_FILE,
+    find_best,
+    find_latest,
+    read_run_config,
+)
 
-__all__ = ["BEST_DIR", "CONFIG_FILE", "SPEC_FILE", "SPLITS_FILE", "FinetuneResult", "finetune"]
+__all__ = ["FinetuneResult", "finetune"]
 
-CONFIG_FILE, SPEC_FILE, SPLITS_FILE, BEST_DIR = "config.yaml", "finetune.json", "splits.json", "best"
-SPEC_FORMAT = "mim3d-finetune"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class FinetuneResult:
-    """Where a fine-tuning run left its artefacts."""
+    """Where a fine-tuning run left its artefacts (``stop_signal``: a signal stopped it early)."""
 
     run_dir: Path
     step: int
@@ -87,15 +95,24 @@ class FinetuneResult:
     best_score: float | None
     best_step: int | None
     metrics: Path
-    stopped_by_signal: bool = False
+    stop_signal: int | None = None
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        """Whether SIGTERM/SIGINT stopped the run before its stop step."""
+        return self.stop_signal is not None
 
 
-# ------------------------------------------------------------------------------ the run
+@dataclass
+class _Step:
+    """The scalars of one fine-tuning step (0-dim tensors where they were computed)."""
+
+    losses: dict[str, Tensor]
+    grad_norm: Tensor | float
 
 
-def _plain(t: Tensor) -> Tensor:
-    """A MetaTensor's plain tensor: the network needs no meta data, and it costs time."""
-    return t.as_tensor() if isinstance(t, MetaTensor) else t
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -105,16 +122,17 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 class _Run:
-    """Live objects of one fine-tuning run, so the loop body stays short."""
+    """Live objects of one fine-tuning run and the hooks of :func:`~mim3d.engine.loop.run_loop`."""
 
     def __init__(self, cfg: FinetuneConfig, spec: dict[str, Any], run_dir: Path,
-                 model: nn.Module, train_ds: Any, val_ds: Any) -> None:
-        self.cfg, self.spec, self.run_dir = cfg, spec, run_dir
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+                 model: nn.Module, train_ds: Any, val_ds: Any, val_every: int) -> None:
+        self.cfg, self.spec, self.run_dir, self.val_every = cfg, spec, run_dir, val_every
+        self.device = _device()
         self.model = model.to(self.device)
         self.train_ds, self.val_ds = train_ds, val_ds
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay),
-                                           lr=cfg.optim.lr, betas=cfg.optim.betas)
+        o = cfg.optim
+        self.optimizer = make_optimizer(self.model, lr=o.lr, weight_decay=o.weight_decay,
+                                        betas=o.betas, device=self.device)
         self.scaler = make_scaler(self.device, cfg.optim.precision)
         seg = cfg.task.task == "seg"
         self.loss_fn: nn.Module = (DiceCELoss(to_onehot_y=True, softmax=True) if seg
@@ -134,7 +152,7 @@ class _Run:
         self.step = state["step"]
         extra = state["extra_state"]
         self.best_score, self.best_step = extra.get("best_score"), extra.get("best_step")
-        best_file = self.run_dir / BEST_DIR / "best.json"
+        best_file = self.run_dir / BEST_DIR / BEST_FILE
         if best_file.is_file():  # best/ may be newer than the last checkpoint
             best = json.loads(best_file.read_text())
             if best.get("score") is not None and (self.best_score is None
@@ -142,11 +160,13 @@ class _Run:
                 self.best_score, self.best_step = best["score"], best["step"]
         return latest
 
-    def batches(self, stop_at: int) -> Iterator[dict[str, Any]]:
+    # ---------------------------------------------------------------- loop hooks
+
+    def batches(self, start_step: int, stop_at: int) -> Iterator[dict[str, Any]]:
         """Shuffled training items for the remaining steps, drawn from ``(seed, step)``."""
         o, seed = self.cfg.optim, self.cfg.train.seed
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + self.step)
-        n = max(1, (stop_at - self.step) * o.batch_size * o.accum_steps)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + start_step)
+        n = max(1, (stop_at - start_step) * o.batch_size * o.accum_steps)
         sampler = torch.utils.data.RandomSampler(self.train_ds, num_samples=n, generator=gen)
         loader = DataLoader(self.train_ds, batch_size=o.batch_size, sampler=sampler,
                             num_workers=self.cfg.train.workers, generator=gen,
@@ -154,68 +174,69 @@ class _Run:
         with signals_ignored():  # workers fork here and keep the ignored dispositions
             return iter(loader)
 
-    def train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[float, float, float, float]:
-        """One optimizer step; returns (loss, grad norm, lr, seconds waited for data)."""
+    def train_step(self, step: int, batches: Iterator[dict[str, Any]]) -> _Step:
+        """One optimizer step over ``accum_steps`` micro-batches (learning rate already set)."""
         o = self.cfg.optim
-        lr = warmup_cosine(self.step, base_lr=o.lr, warmup_steps=o.warmup_steps,
-                           total_steps=o.total_steps, min_lr=o.min_lr)
-        set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
-        total, waited = 0.0, 0.0
+        total = torch.zeros((), device=self.device)
         for _ in range(o.accum_steps):
-            t0 = time.perf_counter()
             batch = next(batches)
-            waited += time.perf_counter() - t0
-            x = _plain(batch["image"]).to(self.device, non_blocking=True)
-            y = _plain(batch["label"]).to(self.device, non_blocking=True)
+            x = plain_tensor(batch["image"]).to(self.device, non_blocking=True)
+            y = plain_tensor(batch["label"]).to(self.device, non_blocking=True)
             with autocast_context(self.device, o.precision):
                 logits = self.model(x)
             loss = self.loss_fn(logits.float(), y)  # the loss in fp32 whatever the autocast
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1}; lower "
-                                         "optim.lr or raise optim.warmup_steps")
+                raise NonFiniteLossError(f"loss is {loss.item()} at step {step + 1}")
             (self.scaler.scale(loss / o.accum_steps) if self.scaler
              else loss / o.accum_steps).backward()
-            total += float(loss.detach()) / o.accum_steps
-        norm = clip_and_step(self.model, self.optimizer, o.grad_clip, self.scaler, self.step)
-        return total, norm, lr, waited
+            total += loss.detach() / o.accum_steps
+        norm = clip_and_step(self.model, self.optimizer, o.grad_clip, self.scaler, step)
+        return _Step(losses={"loss": total}, grad_norm=norm)
 
-    def validate(self) -> float | None:
-        """Mean foreground Dice (seg, on the preprocessed grid) or accuracy (cls); None without
-        validation cases, NaN when no case has anything to score."""
-        if self.val_ds is None:
-            return None
-        scores = [self._score(self.val_ds[i]) for i in range(len(self.val_ds))]
-        finite = [s for s in scores if math.isfinite(s)]
-        return float(np.mean(finite)) if finite else math.nan
-
-    def _score(self, item: dict[str, Any]) -> float:
-        image, task = _plain(item["image"])[None], self.cfg.task
-        with autocast_context(self.device, self.cfg.optim.precision):
-            logits = predict_logits(self.model, image, task, self.device)
-        if task.task == "cls":
-            return float(int(logits.argmax(1)) == int(item["label"]))
-        pred, gt = logits.argmax(1)[0].numpy(), _plain(item["label"])[0].numpy()
-        values = [dice(pred, gt, c) for c in self.class_ids]
-        finite = [v for v in values if math.isfinite(v)]  # absent classes are not scored
-        return float(np.mean(finite)) if finite else math.nan
-
-    def checkpoint(self) -> Path:
-        extra = {"best_score": self.best_score, "best_step": self.best_step,
-                 "data_step": self.step}
-        path = save_checkpoint(self.run_dir, step=self.step, model=self.model,
+    def checkpoint(self, step: int) -> Path:
+        self.step = step
+        extra = {"best_score": self.best_score, "best_step": self.best_step, "data_step": step}
+        path = save_checkpoint(self.run_dir, step=step, model=self.model,
                                optimizer=self.optimizer, scaler=self.scaler, extra_state=extra,
                                config=config_to_dict(self.cfg), keep_last=self.cfg.train.keep_last)
         if self.val_ds is None:  # nothing to select on: "best" is the last checkpoint
             self.save_best(None)
         return path
 
+    def after_step(self, step: int, result: _Step, *, last: bool, stopping: bool) -> None:
+        """Validate when due (not when a signal asks to stop: the checkpoint comes first)."""
+        self.step = step
+        if not stopping and (step % self.val_every == 0 or last):
+            self.validate()
+
+    def postfix(self) -> dict[str, str]:
+        return {"best": "-" if self.best_score is None else f"{self.best_score:.3f}"}
+
+    def divergence_hint(self) -> str:
+        return "lower optim.lr or raise optim.warmup_steps"
+
+    # ---------------------------------------------------------------- validation
+
+    def validate(self) -> None:
+        """Score the validation cases, log the score, and keep the best weights."""
+        if self.val_ds is None:
+            return
+        scores = [score_case(self.model, self.val_ds[i], self.cfg, self.class_ids, self.device)
+                  for i in range(len(self.val_ds))]
+        finite = [s for s in scores if math.isfinite(s)]
+        score = float(np.mean(finite)) if finite else math.nan  # NaN: nothing to score
+        if math.isfinite(score) and (self.best_score is None or score > self.best_score):
+            self.save_best(score)
+        best = self.best_score if self.best_score is not None else math.nan
+        self.monitor.log(self.step, {self.metric: score, f"best_{self.metric}": best})
+
     def save_best(self, score: float | None) -> Path:
         path = save_checkpoint(self.run_dir / BEST_DIR, step=self.step, model=self.model,
                                extra_state={"score": score, "metric": self.metric},
                                config=config_to_dict(self.cfg), keep_last=1)
         note = None if score is not None else "no validation cases: best is the last checkpoint"
-        _write_json(self.run_dir / BEST_DIR / "best.json",
+        _write_json(self.run_dir / BEST_DIR / BEST_FILE,
                     {"step": self.step, "score": score, "metric": self.metric,
                      "checkpoint": path.name, "note": note})
         self.best_score, self.best_step = score, self.step
@@ -227,51 +248,18 @@ class _Run:
 
 def _saved_run(out: Path, resume: bool) -> tuple[FinetuneConfig, dict[str, Any]] | None:
     """The config and spec of a run being resumed; refuses to overwrite a run without --resume."""
-    has_ckpt = out.is_dir() and find_latest(out) is not None
-    if has_ckpt and not resume:
-        raise ConfigError(f"run folder {out} already holds checkpoints; pass --resume to "
-                          "continue it or choose another --out")
-    if not (resume and (out / SPEC_FILE).is_file() and (out / CONFIG_FILE).is_file()):
+    if not resume:
+        if out.is_dir() and find_latest(out) is not None:
+            raise ConfigError(f"run folder {out} already holds checkpoints; pass --resume to "
+                              "continue it or choose another --out")
         return None
-    cfg = config_from_dict("downstream", yaml.safe_load((out / CONFIG_FILE).read_text()))
-    print(f"--resume: using the run's own {CONFIG_FILE}, {SPEC_FILE} and {SPLITS_FILE} "
-          "(--preset, --network, --size, --pretrained, --lora-rank, --label-fraction and --fold "
-          "are ignored)")
+    if not ((out / SPEC_FILE).is_file() and (out / CONFIG_FILE).is_file()):
+        return None
+    cfg = read_run_config(out, "downstream")
+    logger.info("--resume: using the run's own %s, %s and %s (--preset, --network, --size, "
+                "--pretrained, --lora-rank, --label-fraction and --fold are ignored)",
+                CONFIG_FILE, SPEC_FILE, SPLITS_FILE)
     return cfg, json.loads((out / SPEC_FILE).read_text())
-
-
-def _new_spec(cfg: FinetuneConfig, *, data: str | Path, network: str, size: str,
-              pretrained: str | Path | None, lora_rank: int | None, splits: Splits) -> dict:
-    task = cfg.task
-    if lora_rank is not None and (isinstance(lora_rank, bool) or lora_rank < 1):
-        raise ConfigError(f"--lora-rank must be an int >= 1 (paper: 4, 8, 16), got {lora_rank}")
-    if (task.task == "cls") != (network == "classifier"):
-        raise ConfigError(f"--network {network} does not fit task {task.task!r}: use classifier "
-                          "for cls, mim-unetr, unetr or swinunetr for seg")
-    if network == "swinunetr" and any(r % 32 for r in task.roi):
-        raise ConfigError(f"task.roi={list(task.roi)}: swinunetr needs sides divisible by 32")
-    return {"format": SPEC_FORMAT, "format_version": 1, "mim3d_version": __version__,
-            "task": task.task, "network": network, "size": size, "preset": cfg.name,
-            "in_channels": task.in_channels, "num_classes": task.num_classes,
-            "roi": list(task.roi), "classes": {str(k): v for k, v in class_names(task).items()},
-            "label_aliases": task.label_aliases, "data": str(Path(data).resolve()),
-            "pretrained": str(Path(pretrained).resolve()) if pretrained else None,
-            "transfer": None, "lora_rank": lora_rank, "lora": None,
-            "label_fraction": splits.label_fraction, "fold": splits.fold, "folds": splits.folds,
-            "config": config_to_dict(cfg)}
-
-
-def _datasets(cfg: FinetuneConfig, splits: Splits, train_items: list[Item],
-              val_items: list[Item]) -> tuple[Any, Any]:
-    """Cached train/validation datasets; reading every case here finds bad ones before the run
-    folder is touched (a label off its image's grid, wrong channels, unreadable files)."""
-    by_name = {item["name"]: item for item in train_items}
-    val = val_items or [by_name[n] for n in splits.validation]
-    common = {"workers": cfg.train.workers, "seed": cfg.train.seed}
-    train_ds = make_dataset([by_name[n] for n in splits.train], cfg.data, cfg.task, train=True,
-                            **common)
-    val_ds = make_dataset(val, cfg.data, cfg.task, train=False, **common) if val else None
-    return train_ds, val_ds
 
 
 def _prepare(cfg: FinetuneConfig, out: Path, data: str | Path, opts: dict[str, Any],
@@ -284,26 +272,27 @@ def _prepare(cfg: FinetuneConfig, out: Path, data: str | Path, opts: dict[str, A
         opts = {**opts, **{k: recorded[k] for k in ("fold", "folds", "label_fraction")
                            if recorded.get(k) is not None}}
     train_items, val_items, labels = read_cases(data, cfg.task.task)
-    task = resolve_task(cfg.task, labels, train_items + val_items)
-    cfg = replace(cfg, task=task)
+    cfg = replace(cfg, task=resolve_task(cfg.task, labels, train_items + val_items))
     splits = split_cases([c["name"] for c in train_items], seed=cfg.train.seed,
                          folds=opts["folds"], fold=opts["fold"],
                          label_fraction=opts["label_fraction"],
                          validation=[c["name"] for c in val_items])
     if saved is None:
-        spec = _new_spec(cfg, data=data, network=opts["network"], size=opts["size"],
+        spec = new_spec(cfg, data=data, network=opts["network"], size=opts["size"],
                          pretrained=opts["pretrained"], lora_rank=opts["lora_rank"],
                          splits=splits)
     elif json.loads((out / SPLITS_FILE).read_text()) != splits.to_dict():
         raise ValueError(f"the data no longer gives the splits recorded in {out / SPLITS_FILE}; "
                          "resume with the --data the run was started with")
-    train_ds, val_ds = _datasets(cfg, splits, train_items, val_items)
     model = _build_model(cfg, spec, fresh=saved is None)
-    run = _Run(cfg, spec, out, model, train_ds, val_ds)
+    train_ds, val_ds = make_datasets(cfg, splits, train_items, val_items)
+    val_every = opts["val_every"] or max(1, cfg.optim.total_steps // 10)
+    run = _Run(cfg, spec, out, model, train_ds, val_ds, val_every)
     latest = run.resume() if resume else None
-    if resume:
-        print(f"resumed from {latest} at step {run.step}" if latest else
-              f"--resume: no checkpoint in {out} yet; starting from step 0")
+    if resume and latest:
+        logger.info("resumed from %s at step %d", latest, run.step)
+    elif resume:
+        logger.info("--resume: no checkpoint in %s yet; starting from step 0", out)
     _write_run_files(out, cfg, spec, splits, fresh=saved is None)
     truncate_metrics(out, run.step)  # steps after the checkpoint are redone
     run.monitor = RunMonitor(out, purge_step=run.step, tag="finetune")
@@ -311,20 +300,26 @@ def _prepare(cfg: FinetuneConfig, out: Path, data: str | Path, opts: dict[str, A
 
 
 def _build_model(cfg: FinetuneConfig, spec: dict[str, Any], fresh: bool) -> nn.Module:
-    """The network: seeded init, pretrained encoder (new runs), then LoRA adapters."""
+    """The network: seeded init, a memory check, the pretrained encoder (new runs), LoRA."""
     from mim3d.factory import build_downstream
 
     torch.manual_seed(cfg.train.seed)
     model = build_downstream(network=spec["network"], size=spec["size"],
                              in_channels=spec["in_channels"], out_channels=spec["num_classes"],
-                             roi=spec["roi"])
+                             roi=spec["roi"], grad_checkpointing=cfg.optim.grad_checkpointing)
+    crops = cfg.task.num_samples if cfg.task.task == "seg" else 1  # seg items are crop lists
+    device = _device()
+    check_step_memory(model, (cfg.optim.batch_size * crops, spec["in_channels"], *spec["roi"]),
+                      device=device, precision=resolve_precision(device, cfg.optim.precision),
+                      what=f"{spec['network']} --size {spec['size']}")
     if fresh and spec["pretrained"]:
         spec["transfer"] = load_pretrained(model, spec, spec["pretrained"], cfg)
     if spec["lora_rank"]:  # after loading: peft renames the weights it wraps
         model, report = add_lora(model, spec)
         spec["lora"] = asdict(report)
-        print(f"LoRA rank {report.rank}: {report.trainable_params:,} of {report.total_params:,} "
-              f"parameters trainable ({100 * report.trainable_share:.1f}%)")
+        logger.info("LoRA rank %d: %s of %s parameters trainable (%.1f%%)", report.rank,
+                    f"{report.trainable_params:,}", f"{report.total_params:,}",
+                    100 * report.trainable_share)
     return model
 
 
@@ -337,10 +332,10 @@ def _write_run_files(out: Path, cfg: FinetuneConfig, spec: dict[str, Any], split
     _write_json(out / SPEC_FILE, spec)
     _write_json(out / SPLITS_FILE, splits.to_dict())
     if spec["transfer"] is not None:
-        _write_json(out / "transfer_report.json", spec["transfer"])
+        _write_json(out / TRANSFER_REPORT_FILE, spec["transfer"])
 
 
-# ------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------ the run
 
 
 def finetune(cfg: FinetuneConfig, *, data: str | Path, out: str | Path,
@@ -353,9 +348,8 @@ def finetune(cfg: FinetuneConfig, *, data: str | Path, out: str | Path,
     Args:
         cfg: the resolved downstream config (a preset + overrides); ignored in favour of the
             run's own when resuming.
-        data: an MSD datalist JSON (``training`` [+ ``validation``] lists, ``labels``), an
-            nnU-Net/MSD folder, or other inputs :func:`~mim3d.data.datalists.resolve_inputs`
-            takes (segmentation needs labels, so in practice a datalist or nnU-Net folder).
+        data: an MSD datalist JSON (``training`` [+ ``validation``] lists, ``labels``) or an
+            nnU-Net/MSD folder (other inputs of :func:`~mim3d.data.datalists.resolve_inputs`).
         out: the run folder.
         pretrained: an encoder ``.safetensors`` file (``mim3d export``) loaded into the
             network's encoder; a missing key or another architecture is an error.
@@ -373,11 +367,13 @@ def finetune(cfg: FinetuneConfig, *, data: str | Path, out: str | Path,
         progress: show a progress bar.
 
     Returns:
-        A :class:`FinetuneResult`; a run stopped by SIGTERM/SIGINT returns after a checkpoint.
+        A :class:`FinetuneResult`; a run stopped by SIGTERM/SIGINT returns after a checkpoint,
+        with ``stop_signal`` set (the CLI exits with 128 + signal).
 
     Raises:
         ConfigError, ValueError (incl. ImageReadError, TransferError, CheckpointError): bad
-            input, found before anything in ``out`` is written.
+            input, found before anything in ``out`` is written; ``MemoryEstimateError`` when
+            one step would not fit in this machine's memory.
         NonFiniteLossError: the loss diverged; the last good checkpoint is kept.
     """
     if max_steps is not None and max_steps < 1:
@@ -386,60 +382,25 @@ def finetune(cfg: FinetuneConfig, *, data: str | Path, out: str | Path,
         raise ConfigError(f"val_every must be >= 1, got {val_every}")
     network = network or ("classifier" if cfg.task.task == "cls" else "mim-unetr")
     opts = {"network": network, "size": size, "pretrained": pretrained, "lora_rank": lora_rank,
-            "label_fraction": label_fraction, "fold": fold, "folds": folds}
+            "label_fraction": label_fraction, "fold": fold, "folds": folds,
+            "val_every": val_every}
     if not torch.cuda.is_available():
         tune_cpu_allocator()
     run = _prepare(cfg, Path(out), data, opts, resume)
-    total = run.cfg.optim.total_steps
-    stop_at = min(total, max_steps or total)
+    o = run.cfg.optim
+    crops = run.cfg.task.num_samples if run.cfg.task.task == "seg" else 1
+    info = D.DistInfo(rank=0, world_size=1, local_rank=0, device=run.device, is_main=True)
+    spec = LoopSpec(name="finetune", optim=o, train=run.cfg.train, run_dir=run.run_dir,
+                    stop_at=min(o.total_steps, max_steps or o.total_steps),
+                    samples_per_step=o.batch_size * o.accum_steps * crops, info=info,
+                    progress=progress)
     try:
-        return _loop(run, stop_at, val_every or max(1, total // 10), progress)
+        done = run_loop(run, spec, run.step)
     finally:
         run.monitor.close()
-
-
-def _loop(run: _Run, stop_at: int, val_every: int, progress: bool) -> FinetuneResult:
-    cfg, last, stopped = run.cfg, None, False
-    if run.step >= stop_at:
-        print(f"nothing to do: the run is at step {run.step}, the stop step is {stop_at}")
-    batches = run.batches(stop_at)
-    crops = cfg.task.num_samples if cfg.task.task == "seg" else 1  # seg items are crop lists
-    meter = StepMeter(cfg.optim.batch_size * cfg.optim.accum_steps * crops)
-    with StopSignal() as stop, tqdm(total=stop_at, initial=run.step, disable=not progress,
-                                    desc="finetune", unit="step", dynamic_ncols=True) as bar:
-        while run.step < stop_at:
-            t0 = time.perf_counter()
-            loss, norm, lr, waited = run.train_step(batches)
-            run.step += 1
-            meter.add(time.perf_counter() - t0, waited)
-            if run.step % cfg.train.log_every == 0 or run.step == stop_at:
-                run.monitor.log(run.step, {"loss": loss, "lr": lr, "grad_norm": norm,
-                                           **meter.report()})
-            stopped = stop.received is not None
-            if not stopped and (run.step % val_every == 0 or run.step == stop_at):
-                _validate(run)
-            bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}",
-                             "best": "-" if run.best_score is None else f"{run.best_score:.3f}"},
-                            refresh=False)
-            bar.update(1)
-            if run.step % cfg.train.ckpt_every == 0 or run.step == stop_at or stopped:
-                last = run.checkpoint()
-            if stopped:
-                print(f"stopped by a signal at step {run.step}; checkpoint {last}; continue "
-                      "with --resume")
-                break
-    best = find_latest(run.run_dir / BEST_DIR) if (run.run_dir / BEST_DIR).is_dir() else None
-    return FinetuneResult(run.run_dir, run.step, last or find_latest(run.run_dir), best,
-                          run.best_score, run.best_step, run.run_dir / "metrics.jsonl", stopped)
-
-
-def _validate(run: _Run) -> None:
-    """Score the validation cases, log the score, and keep the best weights."""
-    score = run.validate()
-    if score is None:
-        return
-    if math.isfinite(score) and (run.best_score is None or score > run.best_score):
-        run.save_best(score)
-    run.monitor.log(run.step, {run.metric: score,
-                               f"best_{run.metric}": run.best_score if run.best_score is not None
-                               else math.nan})
+    if done.stop_signal is not None:
+        logger.warning("stopped by a signal at step %d; checkpoint %s; continue with --resume",
+                       done.step, done.checkpoint)
+    return FinetuneResult(run.run_dir, done.step, done.checkpoint or find_latest(run.run_dir),
+                          find_best(run.run_dir), run.best_score, run.best_step,
+                          run.run_dir / METRICS_FILE, done.stop_signal)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from typing_extensions import Self
 
-T = TypeVar("T")
+from mim3d.runfolder import METRICS_FILE, TENSORBOARD_DIR
 
-METRICS_FILE = "metrics.jsonl"
+T = TypeVar("T")
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
@@ -62,7 +62,7 @@ class RunMonitor:
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR),
                                          purge_step=purge_step)
 
     def log(self, step: int, scalars: dict[str, float | int]) -> None:
