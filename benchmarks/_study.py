@@ -40,8 +40,8 @@ SHARED_CT = REPO.parent / "shared" / "data" / "ct"
 CT_IMAGES = ("totalseg_example_ct.nii.gz", "totalseg_example_ct_sm.nii.gz",
              "totalseg_aorta_example_ct.nii.gz", "totalseg_example_ct_dicom")
 DOWNSTREAM = "study-phantom"
-#: The scored classes, as the study datalist names them (ids after the preset's label aliases).
-ORGANS = {"0": "background", "1": "spleen", "2": "right_kidney", "3": "left_kidney", "4": "liver"}
+#: The scored organs by their raw phantom ids (the preset's label aliases make liver 6 class 4).
+ORGANS = {"0": "background", "1": "spleen", "2": "right_kidney", "3": "left_kidney", "6": "liver"}
 #: Logging only (no pictures, no intermediate checkpoints): the loss of every step is kept.
 PRETRAIN_FIXED = ("train.log_every=1", "train.image_every=1000000", "train.ckpt_every=1000000")
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _study as S  # the shared machinery sits beside this script
 from label_efficiency import FULL as LE_FULL  # the same budget as label efficiency
 from label_efficiency import PRETRAIN_SEED
+from label_efficiency import QUICK as LE_QUICK
 
 _OFF2 = "loss.align_pairs=[false,false]"
 
@@ -77,8 +78,9 @@ class Mode:
 
 FULL = Mode(LE_FULL.cohort, LE_FULL.pretrain_steps, LE_FULL.finetune_steps, fraction=0.5,
             seeds=(0, 1))
-QUICK = Mode(S.CohortSpec(unlabelled=2, unlabelled_shape=(64, 64, 64), train=2, test=1),
-             pretrain_steps=1, finetune_steps=1, fraction=1.0, seeds=(0,))
+# label efficiency's quick budget at 100 % labels: on one --work both share their common runs
+QUICK = Mode(LE_QUICK.cohort, LE_QUICK.pretrain_steps, LE_QUICK.finetune_steps, fraction=1.0,
+             seeds=LE_QUICK.seeds)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

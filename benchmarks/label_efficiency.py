@@ -42,8 +42,10 @@ class Mode:
 
 FULL = Mode(S.CohortSpec(), pretrain_steps=200, finetune_steps=50, fractions=(0.25, 0.5, 1.0),
             seeds=(0, 1, 2))
+#: Quick = ablations' quick budget (cohorts, 1 pre-training step, 1 fine-tuning step at 100 %),
+#: so both studies on one ``--work`` share their cohorts and the runs they have in common.
 QUICK = Mode(S.CohortSpec(unlabelled=2, unlabelled_shape=(64, 64, 64), train=2, test=1),
-             pretrain_steps=2, finetune_steps=1, fractions=(0.5, 1.0), seeds=(0,))
+             pretrain_steps=1, finetune_steps=1, fractions=(0.5, 1.0), seeds=(0,))
 PRETRAIN_SEED = 0  # one pre-training per method; the seeds vary the fine-tuning
 
 

@@ -116,3 +116,34 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ds = load_config("downstream", "btcv")
     save_config(ds, tmp_path / "ds.yaml")
     assert config_from_dict("downstream", yaml.safe_load((tmp_path / "ds.yaml").read_text())) == ds
+
+
+@pytest.mark.parametrize(("flags", "level", "shown"), [
+    ([], "INFO", {"info", "warning"}),
+    (["--quiet"], "WARNING", {"warning"}),
+    (["-v"], "DEBUG", {"debug", "info", "warning"}),
+])
+def test_cli_sets_the_library_log_level(flags, level, shown, capsys):
+    """``mim3d [-q|-v] COMMAND``: library loggers (under ``mim3d``) write to stderr at INFO, or
+    WARNING / DEBUG; the command's own result line stays on stdout."""
+    import logging
+
+    from mim3d import cli
+
+    root = logging.getLogger("mim3d")
+    try:
+        assert cli.main([*flags, "presets"]) == 0
+        out = capsys.readouterr()
+        assert "tiny" in out.out  # the result (preset list) is printed as before
+        assert root.level == getattr(logging, level)
+        log = logging.getLogger("mim3d.data.example")
+        for name in ("debug", "info", "warning"):
+            getattr(log, name)(f"a {name} message")
+        err = capsys.readouterr().err
+        assert {n for n in ("debug", "info", "warning") if f"a {n} message" in err} == shown
+        assert ("mim3d.data.example" in err) == ("-v" in flags)  # -v names the module
+        assert len(root.handlers) == 1  # repeated main() adds no second handler
+    finally:  # the handler writes to this test's captured stderr: leave no trace
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.setLevel(logging.NOTSET)

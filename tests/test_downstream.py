@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 from monai.networks.nets import UNETR
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mim3d.config import load_config
@@ -21,9 +23,8 @@ from mim3d.models.downstream import (
     MiMUNETR,
     build_swinunetr,
     build_unetr,
-    vit_state_to_unetr,
 )
-from mim3d.models.layers import sincos_pos_embed_3d
+from mim3d.transfer import load_encoder_into
 
 try:
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -67,6 +68,58 @@ def test_mim_unetr_tiny_forward_backward_reaches_every_parameter() -> None:
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _inputs_of(modules: dict[str, nn.Module], run) -> dict[str, Tensor]:
+    """The first positional input each module received while ``run()`` ran."""
+    seen: dict[str, Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(
+        name, args[0].detach().clone())) for name, m in modules.items()]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("patch", [8, 16])
+def test_mim_unetr_skips_receive_the_encoder_features(patch: int) -> None:
+    """Wiring by value: each decoder level gets exactly the image / encoder stage it documents,
+    and the logits are the out block of the last up block (nothing else is mixed in)."""
+    model = tiny_unetr(patch_size=patch)
+    x = image()
+    blocks = {f"skip{k}": m for k, m in enumerate(model.skips)}
+    blocks |= {"bottleneck": model.bottleneck, "out": model.out}
+    with torch.no_grad():
+        s1, s2, s3, tokens = model.encoder.forward_features(x)
+        seen = _inputs_of(blocks, lambda: model(x))
+        logits = model(x)
+        expected_out = model.out(seen["out"])
+    level0 = x if patch == 16 else torch.cat([x, s1], dim=1)
+    expected = [level0] + ([s1] if patch == 16 else []) + [s2, s3]
+    assert len(model.skips) == len(expected)
+    for k, value in enumerate(expected):
+        assert torch.equal(seen[f"skip{k}"], value), f"skip {k}"
+    assert torch.equal(seen["bottleneck"], tokens)
+    assert torch.equal(logits, expected_out)
+
+
+def test_mim_unetr_encoder_computes_the_pretrained_encoder() -> None:
+    """The encoder inside MiM-UNETR, given the pre-trained state, gives the pre-training
+    encoder's features on the same image (all tokens visible), value for value."""
+    cfg = load_config("pretrain", "tiny")
+    torch.manual_seed(1)
+    pre = build_encoder(cfg.model, input_size=cfg.geometry.input_size,
+                        patch_size=cfg.geometry.patch_size).eval()
+    model = build_downstream(network="mim-unetr", size="tiny", in_channels=1, out_channels=3,
+                             roi=cfg.geometry.input_size).eval()
+    model.encoder.load_state_dict(pre.state_dict(), strict=True)
+    x = image()
+    with torch.no_grad():
+        for ours, theirs in zip(model.encoder.forward_features(x), pre.forward_features(x),
+                                strict=True):
+            assert torch.equal(ours, theirs)
 
 
 def test_mim_unetr_patch16_anisotropic_roi() -> None:
@@ -141,14 +194,12 @@ def tiny_vit_and_unetr() -> tuple[nn.Module, UNETR]:
     return vit.eval(), unetr.eval()
 
 
-def test_vit_state_maps_into_unetr_and_computes_the_same() -> None:
+def test_vit_state_loads_into_unetr_and_computes_the_same(tmp_path: Path) -> None:
     vit, unetr = tiny_vit_and_unetr()
-    mapped = vit_state_to_unetr(vit.state_dict())
-    target = unetr.state_dict()
-    assert all(mapped[k].shape == target[k].shape for k in mapped)
-    result = unetr.load_state_dict(mapped, strict=False)
-    assert not result.unexpected_keys
-    assert {k for k in result.missing_keys if k.startswith("vit.")} == {
+    save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
+    report = load_encoder_into(unetr, tmp_path / "vit.safetensors", prefix="vit")
+    assert not report.unexpected and not report.reshaped
+    assert {k for k in report.missing if k.startswith("vit.")} == {
         f"vit.blocks.{i}.norm_cross_attn.{w}" for i in range(4) for w in ("weight", "bias")}
     assert isinstance(unetr.vit.patch_embedding.position_embeddings, nn.Parameter)
     x = image(2)
@@ -169,19 +220,6 @@ def test_unetr_depth12_patch16_computes_monai_forward() -> None:
     assert unetr.taps == (3, 6, 9) and unetr.encoder4 is not None
     with torch.no_grad():
         torch.testing.assert_close(unetr(image()), UNETR.forward(unetr, image()))
-
-
-def test_vit_state_to_unetr_grid_and_errors() -> None:
-    vit, _ = tiny_vit_and_unetr()
-    state = vit.state_dict()
-    mapped = vit_state_to_unetr(state, grid=(6, 6, 6))
-    torch.testing.assert_close(mapped["vit.patch_embedding.position_embeddings"],
-                               sincos_pos_embed_3d((6, 6, 6), 128))
-    del state["patch_embedding.position_embeddings"]
-    with pytest.raises(ValueError, match="grid"):
-        vit_state_to_unetr(state)
-    with pytest.raises(ValueError, match="decoder_embed"):
-        vit_state_to_unetr({"decoder_embed.weight": torch.zeros(1)})
 
 
 def test_unetr_patch8_anisotropic_exposes_grid() -> None:
@@ -210,11 +248,24 @@ def test_build_unetr_rejects_bad_args(kwargs: dict, bad: str) -> None:
 # --- SwinUNETR and classifier ------------------------------------------------------------------
 
 
-def test_swinunetr_small_feature_size_runs() -> None:
+def test_swinunetr_small_feature_size_is_monais_network() -> None:
+    from monai.networks.nets import SwinUNETR
+
+    from mim3d.models.swinssl import SwinSSL
+
     torch.manual_seed(0)
     model = build_swinunetr(in_channels=1, out_channels=3, feature_size=12).eval()
+    torch.manual_seed(0)
+    monai = SwinUNETR(in_channels=1, out_channels=3, feature_size=12).eval()
+    ssl = SwinSSL(img_size=(32, 32, 64), feature_size=12).eval()
+    model.swinViT.load_state_dict(ssl.swinViT.state_dict(), strict=True)  # the swin-ssl path
+    monai.swinViT.load_state_dict(ssl.swinViT.state_dict(), strict=True)
+    x = image(roi=(32, 32, 64))
     with torch.no_grad():  # 32^3 would leave a single bottleneck voxel (instance norm fails)
-        assert model(image(roi=(32, 32, 64))).shape == (1, 3, 32, 32, 64)
+        logits = model(x)
+    assert logits.shape == (1, 3, 32, 32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, monai(x), rtol=0, atol=0)  # same weights, same values
     with pytest.raises(ValueError, match="16"):
         build_swinunetr(in_channels=1, out_channels=3, feature_size=16)
     with pytest.raises(ValueError, match="32, 32, 32"):

@@ -351,3 +351,41 @@ def test_mim_loss_bad_args():
         mim_loss(out)
     with pytest.raises(ValueError, match="no levels"):
         mim_loss(Output([]))
+
+
+def test_mim_loss_alpha_zero_skips_alignment_without_heads():
+    """issue 10: ``--set loss.alpha=0`` builds MiM without projection heads (context None);
+    the loss must then be the reconstruction sum, not an error about missing context."""
+    out = _fake_output(seed=6)
+    recon, _ = _expected_terms(out)
+    for lv in out.levels:
+        lv.context, lv.unit_features = None, None
+    got = mim_loss(out, alpha=0.0)
+    assert set(got) == {"loss", "recon_1", "recon_2", "recon_3"}
+    assert got["loss"].item() == pytest.approx(sum(recon), rel=1e-5)
+    with pytest.raises(ValueError, match="alignment 1_2"):  # alpha > 0 still needs the heads
+        mim_loss(out, alpha=0.1)
+
+
+def test_train_step_with_alpha_zero_on_the_tiny_preset():
+    """The issue's reproduction: one optimizer step of the tiny preset with loss.alpha=0."""
+    import itertools
+
+    from mim3d.config import load_config
+    from mim3d.engine.train import train_step
+    from mim3d.factory import build_mim, geometry_from_config
+
+    # gammas 2 (7 volumes instead of 21) only for time: the alignment path is the same
+    cfg = load_config("pretrain", "tiny", overrides=["loss.alpha=0", "optim.batch_size=1",
+                                                     "geometry.gammas=[2,2]"])
+    torch.manual_seed(0)
+    model = build_mim(cfg)
+    assert model.child_head is None and model.parent_head is None  # no alignment heads built
+    x = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    res = train_step(model, opt, itertools.repeat(x), cfg=cfg,
+                     geometry=geometry_from_config(cfg.geometry), step=0, rank=0,
+                     device=torch.device("cpu"))
+    losses = {k: float(v) for k, v in res.losses.items()}  # floats or 0-d tensors
+    assert set(losses) == {"loss", "recon_1", "recon_2", "recon_3"}
+    assert losses["loss"] == pytest.approx(sum(losses[f"recon_{i}"] for i in (1, 2, 3)), rel=1e-6)

@@ -71,50 +71,123 @@ def test_ablation_variants_resolve() -> None:
             S.pretrain_key("study", list(v.overrides), 20, 0, "data")
 
 
-def _run_quick(script: str, tmp_path: Path) -> dict:
-    out = tmp_path / f"{script}.json"
+def _run_quick(script: str, work: Path) -> tuple[dict, str]:
+    """Run a study's ``--quick`` mode as a user would (its own process); (JSON, stdout)."""
+    out = work.parent / f"{script}.json"
     env = {**os.environ, "PYTHONPATH": str(BENCH.parent / "src")}
+    # the timeout only guards against a hang: a quick study is about a minute on 2 idle cores,
+    # but many times that on a machine shared with other jobs
     proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--quick", "--work",
-                           str(tmp_path / "work"), "--out", str(out)],
-                          check=False, capture_output=True, text=True, env=env, timeout=600)
+                           str(work), "--out", str(out)], check=False, capture_output=True,
+                          text=True, env=env, timeout=1500, start_new_session=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "RESULT wall_s" in proc.stdout
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
 
 
-def _check_cell(cell: dict) -> None:
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Both quick studies on ONE work folder, as a user runs them: ablations reuses the cohorts,
+    the baseline pre-training and the two shared fine-tunings that label efficiency cached."""
+    work = tmp_path_factory.mktemp("studies") / "work"
+    le, le_out = _run_quick("label_efficiency", work)
+    ab, ab_out = _run_quick("ablations", work)
+    return {"work": work, "le": le, "le_out": le_out, "ab": ab, "ab_out": ab_out}
+
+
+def _results(stdout: str) -> dict[str, float]:
+    """The ``RESULT name value`` lines of a study's output."""
+    return {p[1]: float(p[2]) for p in (line.split() for line in stdout.splitlines())
+            if len(p) == 3 and p[0] == "RESULT"}
+
+
+def _finetunes(work: Path) -> list[dict]:
+    """Every cached fine-tuning result, checked against its own evaluation report."""
+    found = []
+    for path in sorted((work / "finetune").glob("*/result.json")):
+        result = json.loads(path.read_text())
+        overall = json.loads((path.parent / "eval.json").read_text())["summary"]
+        for metric in ("dice", "nsd"):  # the study copies the evaluation's numbers unchanged
+            assert result[metric] == pytest.approx(overall["overall"][metric]["mean"])
+            for organ, cell in result["per_class"].items():
+                want = overall["classes"][organ][metric]["mean"]
+                assert cell[metric] == pytest.approx(math.nan if want is None else want,
+                                                     nan_ok=True)
+        found.append(result)
+    return found
+
+
+def _check_cell(cell: dict, runs: list[dict]) -> None:
+    """A quick cell is one seed: its statistics are that run's evaluated numbers."""
+    assert len(runs) == 1, runs
     for metric in ("dice", "nsd"):
         stat = cell[metric]
         assert 0.0 <= stat["mean"] <= 1.0 and math.isfinite(stat["mean"])
-        assert stat["n"] == 1 and stat["std"] == 0.0  # one seed in quick mode
-        for per_class in cell["per_class"].values():
-            assert 0.0 <= per_class[metric]["mean"] <= 1.0
+        assert stat["n"] == 1 and stat["std"] == 0.0 and stat["values"] == [stat["mean"]]
+        assert stat["mean"] == pytest.approx(runs[0][metric])
+        for organ, per_class in cell["per_class"].items():
+            assert per_class[metric]["mean"] == pytest.approx(
+                runs[0]["per_class"][organ][metric], nan_ok=True)
+
+
+def _final_loss(work: Path, pre: dict) -> float:
+    """The pre-training's final loss recomputed from its run's metrics.jsonl (last 10%)."""
+    rows = [json.loads(line) for line in
+            (work / "pretrain" / f"{pre['preset']}-{pre['key']}" / "run" / "metrics.jsonl")
+            .read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return float(np.mean(losses[-max(1, len(losses) // 10):]))
 
 
 @pytest.mark.slow
-def test_label_efficiency_quick(tmp_path: Path) -> None:
-    result = _run_quick("label_efficiency", tmp_path)
+def test_label_efficiency_quick(studies: dict) -> None:
+    result, work, printed = studies["le"], studies["work"], _results(studies["le_out"])
     expected = {a["arm"] for a in label_efficiency.arms(list(S.METHODS))}
     assert set(result["summary"]) == expected
     fractions = {str(round(100 * f)) for f in label_efficiency.QUICK.fractions}
-    for arm, cells in result["summary"].items():
+    finetunes = _finetunes(work)
+    for arm in result["arms"]:
+        pre = result["pretraining"].get(arm["method"]) if arm["method"] else None
+        cells = result["summary"][arm["arm"]]
         assert set(cells) == fractions, arm
-        for cell in cells.values():
-            _check_cell(cell)
+        for p, cell in cells.items():
+            runs = [r for r in finetunes if r["network"] == arm["network"]
+                    and r["encoder"] == (pre["key"] if pre else None)
+                    and str(round(100 * r["fraction"])) == p]
+            _check_cell(cell, runs)
             assert set(cell["per_class"]) == {"spleen", "right_kidney", "left_kidney", "liver"}
+            arm_id = arm["arm"].replace("-", "_")
+            assert printed[f"dice_{arm_id}_{p}"] == pytest.approx(cell["dice"]["mean"], abs=1e-4)
+    for method, pre in result["pretraining"].items():
+        assert pre["final_loss"] == pytest.approx(_final_loss(work, pre)), method
     assert set(result["gains_vs_scratch"]) == set(S.METHODS)
+    for arm, gains in result["gains_vs_scratch"].items():  # gain = arm mean - scratch mean
+        base = result["summary"][f"scratch-{S.METHODS[arm].network}"]
+        for p, gain in gains.items():
+            for m in ("dice", "nsd"):
+                want = result["summary"][arm][p][m]["mean"] - base[p][m]["mean"]
+                assert gain[m] == pytest.approx(want)
     for p in fractions:  # every arm trained on the same cases for a given fraction and seed
         assert len({json.dumps(c[p]["train_cases"]) for c in result["summary"].values()}) == 1
     assert result["machine"]["cpu_count"] >= 1 and result["command"]
 
 
 @pytest.mark.slow
-def test_ablations_quick(tmp_path: Path) -> None:
-    result = _run_quick("ablations", tmp_path)
+def test_ablations_quick(studies: dict) -> None:
+    result, work, printed = studies["ab"], studies["work"], _results(studies["ab_out"])
     assert set(result["variants"]) == {v.name for v in ablations.VARIANTS}
+    finetunes = _finetunes(work)
     for name, cell in result["variants"].items():
-        _check_cell(cell)
         pre = cell["pretraining"]
         assert (pre is None) == (name == "scratch")
+        runs = [r for r in finetunes if r["network"] == "mim-unetr" and r["fraction"] == 1.0
+                and r["encoder"] == (pre["key"] if pre else None)]
+        _check_cell(cell, runs)
+        assert printed[f"ablation_dice_{name}"] == pytest.approx(cell["dice"]["mean"], abs=1e-4)
         if pre is not None:
-            assert math.isfinite(pre["final_loss"]) and pre["wall_s"] > 0
+            assert pre["final_loss"] == pytest.approx(_final_loss(work, pre)) and pre["wall_s"] > 0
+    # one work folder: the runs both studies share are the same cached runs, same numbers
+    le = studies["le"]
+    assert result["variants"]["baseline"]["pretraining"]["key"] == le["pretraining"]["mim"]["key"]
+    for variant, arm in (("baseline", "mim"), ("scratch", "scratch-mim-unetr")):
+        assert result["variants"][variant]["dice"] == le["summary"][arm]["100"]["dice"]

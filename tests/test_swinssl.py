@@ -1,4 +1,5 @@
-"""Tests of mim3d.models.swinssl: the Swin-UNETR SSL baseline (CPU, small sizes)."""
+"""Tests of the Swin-UNETR SSL baseline: its model (mim3d.models.swinssl), losses
+(mim3d.losses) and views (mim3d.data.views), on the CPU at small sizes."""
 
 from __future__ import annotations
 
@@ -10,15 +11,9 @@ import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 from torch import Tensor
 
-from mim3d.models.swinssl import (
-    InpaintingDecoder,
-    SwinSSL,
-    SwinSSLOutput,
-    cutout_mask,
-    make_two_views,
-    nt_xent,
-    swin_ssl_loss,
-)
+from mim3d.data.views import cutout_mask, make_two_views
+from mim3d.losses import nt_xent, swin_ssl_loss
+from mim3d.models.swinssl import InpaintingDecoder, SwinSSL, SwinSSLOutput
 
 # 2 bottleneck tokens (the fewest head_pool="token" allows). Window attention costs the same for
 # any feature size (it scales with tokens x window x heads), so the input is kept small instead.
@@ -32,14 +27,14 @@ def small_model(**overrides: object) -> SwinSSL:
     return SwinSSL(**{**SMALL, **overrides})
 
 
-def test_shapes_at_64_default_width() -> None:
+def test_shapes_at_the_default_width() -> None:
     torch.manual_seed(0)
-    model = SwinSSL(img_size=(64, 64, 64)).eval()
+    model = SwinSSL(img_size=(32, 32, 64)).eval()  # feature size 48, the fewest tokens allowed
     with torch.no_grad():
-        out = model(torch.rand(1, 1, 64, 64, 64))
+        out = model(torch.rand(1, 1, 32, 32, 64))
     assert out.rotation.shape == (1, 4)
     assert out.contrastive.shape == (1, 512)
-    assert out.reconstruction.shape == (1, 1, 64, 64, 64)
+    assert out.reconstruction.shape == (1, 1, 32, 32, 64)
 
 
 def test_shapes_anisotropic_multichannel_mean_pool() -> None:

@@ -1,5 +1,6 @@
-"""Tests of mim3d.transfer: export of a run's encoder, loading with adaptation, and the import
-of the authors' released checkpoint layout (a fake built from the reference key list)."""
+"""Tests of the mim3d.transfer package: export of a run's encoder, loading with adaptation,
+and the import of the authors' released checkpoint layout (a fake built from the reference key
+list)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from mim3d.models.vit import ViTEncoder
 from mim3d.transfer import (
     TransferError,
     TransferReport,
-    _pos_embed_note,
     encoder_from_card,
     export_encoder,
     import_official,
@@ -31,6 +31,7 @@ from mim3d.transfer import (
     read_card,
     vit_to_monai_key,
 )
+from mim3d.transfer.official import _pos_embed_note
 
 _KEYS_FILE = (Path(__file__).resolve().parents[2] / "shared" / "reference"
               / "official_mim_checkpoint_keys.txt")
@@ -186,11 +187,28 @@ def test_vit_file_into_hybrid_is_refused(vit_file: Path, hybrid_run, tmp_path: P
         load_encoder(encoder, tmp_path / "bare.safetensors")
 
 
-def test_other_sizes_are_refused(hybrid_run) -> None:
+def test_other_sizes_are_refused_naming_the_cards_size(hybrid_run, tmp_path: Path) -> None:
     _, _, path = hybrid_run
     encoder = encoder_from_card(read_card(path), dims=(8, 16, 32, 64))
-    with pytest.raises(TransferError, match="has shape .* the model needs"):
+    # issue 10: the message speaks the command line's language (the card records preset tiny)
+    with pytest.raises(TransferError, match="has shape .* the model needs .*pre-trained at size "
+                       "'tiny'; fine-tune with --size tiny"):
         load_encoder(encoder, path)
+    save_file(load_file(str(path)), str(tmp_path / "bare.safetensors"))  # no card: no size
+    with pytest.raises(TransferError, match="at the encoder's own size"):
+        load_encoder(encoder, tmp_path / "bare.safetensors")
+
+
+def test_a_pth_file_points_to_export_from_official(hybrid_run, tmp_path: Path) -> None:
+    _, _, path = hybrid_run
+    pth = tmp_path / "mim_pretrained.pth"
+    torch.save({"model": {}}, pth)
+    with pytest.raises(TransferError, match=r"mim_pretrained\.pth: is a PyTorch checkpoint.*"
+                       r"mim3d export --from-official"):
+        load_encoder(encoder_from_card(read_card(path)), pth)
+    renamed = pth.rename(tmp_path / "renamed.safetensors")  # recognised by content too
+    with pytest.raises(TransferError, match="is a PyTorch checkpoint"):
+        load_encoder(encoder_from_card(read_card(path)), renamed)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

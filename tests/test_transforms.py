@@ -99,7 +99,7 @@ def test_crop_foreground_drops_air_and_pads_to_roi(tmp_path: Path) -> None:
 def test_remap_labels_numpy_torch_and_aliases() -> None:
     raw = np.array([0, 1, 2, 3, 4, 7, 2.0000001], np.float32)
     assert T.remap_labels(raw, {1: "a", 3: "c"}).tolist() == [0, 1, 0, 3, 0, 0, 0]
-    out = T.remap_labels(torch.as_tensor(raw), [1, 2, 3], aliases=T.BRATS_LABEL_ALIASES)
+    out = T.remap_labels(torch.as_tensor(raw), [1, 2, 3], aliases=load_config("downstream", "brats21").task.label_aliases)
     assert out.tolist() == [0, 1, 2, 3, 3, 0, 2] and out.dtype == torch.float32
     assert T.seg_label_ids(_btcv(labels=None)[1]) == tuple(range(1, 14))
     with pytest.raises(ValueError, match="1..13"):

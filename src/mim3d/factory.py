@@ -7,6 +7,8 @@ pretrain preset name into those arguments.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
 
 from torch import nn
@@ -26,16 +28,33 @@ from mim3d.models.mim import MiM
 from mim3d.models.swinssl import SwinSSL, swin_encoder, swin_feature_size
 from mim3d.models.vit import ViTEncoder
 
+_log = logging.getLogger(__name__)
+
 
 def geometry_from_config(cfg: GeometryConfig) -> tuple[LevelGeometry, ...]:
-    """Validated level geometry (raises ``GeometryError`` naming the bad value)."""
-    return build_geometry(crop_sizes=cfg.crop_sizes, input_size=cfg.input_size,
-                          patch_size=cfg.patch_size, mask_ratios=cfg.mask_ratios,
-                          gammas=cfg.gammas, source=cfg.source)
+    """Validated level geometry (raises ``GeometryError`` naming the bad value).
+
+    Mask ratios are applied in whole units, so the effective ratio can differ from the one
+    asked for (level 1 of the default geometry masks 5 of 8 octants, 62.5%): it is logged.
+    """
+    geometry = build_geometry(crop_sizes=cfg.crop_sizes, input_size=cfg.input_size,
+                              patch_size=cfg.patch_size, mask_ratios=cfg.mask_ratios,
+                              gammas=cfg.gammas, source=cfg.source,
+                              resize_mode=cfg.resize_mode)
+    _log_effective_ratios(geometry)
+    return geometry
+
+
+@functools.lru_cache(maxsize=32)
+def _log_effective_ratios(geometry: tuple[LevelGeometry, ...]) -> None:
+    """Log the whole-unit mask ratios once per geometry and process (it is built many times)."""
+    _log.info("effective mask ratios (whole units): %s", "; ".join(
+        f"level {g.level} {g.n_masked}/{g.n_units} = {g.n_masked / g.n_units:.1%} "
+        f"(asked {g.mask_ratio:.1%})" for g in geometry))
 
 
 def build_encoder(model: ModelConfig, *, input_size: tuple[int, int, int], patch_size: int,
-                  grad_checkpointing: bool = False) -> nn.Module:
+                  grad_checkpointing: bool = False, conv_recompute: str = "never") -> nn.Module:
     """The hybrid encoder (MiM) or the plain ViT (MAE3D baseline) of a config."""
     if model.encoder == "vit":
         return ViTEncoder(in_channels=model.in_channels, input_size=input_size,
@@ -46,7 +65,8 @@ def build_encoder(model: ModelConfig, *, input_size: tuple[int, int, int], patch
                          patch_size=patch_size, dims=model.dims, depths=model.depths,
                          num_heads=model.num_heads, mlp_ratio=model.mlp_ratio,
                          drop_path_rate=model.drop_path_rate,
-                         grad_checkpointing=grad_checkpointing)
+                         grad_checkpointing=grad_checkpointing,
+                         depthwise_impl=model.depthwise_impl, conv_recompute=conv_recompute)
 
 
 def uses_alignment(cfg: PretrainConfig) -> bool:
@@ -61,13 +81,14 @@ def build_mim(cfg: PretrainConfig) -> MiM:
     geo = geometry_from_config(cfg.geometry)
     encoder = build_encoder(cfg.model, input_size=cfg.geometry.input_size,
                             patch_size=cfg.geometry.patch_size,
-                            grad_checkpointing=cfg.optim.grad_checkpointing)
+                            grad_checkpointing=cfg.optim.grad_checkpointing,
+                            conv_recompute=cfg.optim.conv_recompute)
     m = cfg.model
     return MiM(encoder=encoder, geometry=geo, in_channels=m.in_channels,
                patch_size=cfg.geometry.patch_size, input_size=cfg.geometry.input_size,
                decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
                decoder_heads=m.decoder_heads, mlp_ratio=m.mlp_ratio, proj_dim=m.proj_dim,
-               align=uses_alignment(cfg), stop_grad=cfg.loss.stop_grad)
+               align=uses_alignment(cfg), stop_grad=cfg.loss.stop_grad, one_pass=m.one_pass)
 
 
 def build_swinssl(cfg: PretrainConfig) -> SwinSSL:

@@ -1,11 +1,13 @@
-"""Losses of MiM pre-training: masked reconstruction, cross-level alignment, level weights.
+"""Losses of pre-training: MiM's masked reconstruction, cross-level alignment and level
+weights, and the Swin-UNETR SSL baseline's rotation + contrastive + inpainting loss.
 
 Everything here is a pure function of tensors (no state, no ``nn.Module``), so the functions can
 be tested against hand-written loops and reused by baselines (MAE3D uses
 :func:`reconstruction_loss` alone).
 
-The model returns an object with ``.levels`` (see :class:`MiMOutputLike`); this module only relies
-on that shape and never imports the model code.
+The models return objects with ``.levels`` (see :class:`MiMOutputLike`) or the three SSL heads
+(:class:`SwinSSLOutputLike`); this module only relies on those shapes and never imports the
+model code.
 
 Conventions (see DESIGN.md §1):
 
@@ -28,21 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "ALIGNMENTS",
-    "LEVEL_SCHEDULES",
-    "LevelOutputLike",
-    "MiMOutputLike",
-    "byol_alignment",
-    "infonce_alignment",
-    "level_weights",
-    "mim_loss",
-    "reconstruction_loss",
-]
+# one definition of the choices: the config validates them, the losses dispatch on them
+from mim3d.config import ALIGNMENTS
+from mim3d.config import SCHEDULES as LEVEL_SCHEDULES
 
-LEVEL_SCHEDULES: tuple[str, ...] = ("concurrent", "coarse_to_fine", "fine_to_coarse", "level1_only")
-ALIGNMENTS: tuple[str, ...] = ("infonce", "byol", "none")
-
+__all__ = ["ALIGNMENTS", "LEVEL_SCHEDULES", "LevelOutputLike", "MiMOutputLike",
+           "SwinSSLOutputLike", "byol_alignment", "infonce_alignment", "level_weights",
+           "mim_loss", "nt_xent", "reconstruction_loss", "swin_ssl_loss"]
 
 class LevelOutputLike(Protocol):
     """What the losses read from one level of a MiM forward pass.
@@ -51,45 +45,31 @@ class LevelOutputLike(Protocol):
     ``U`` units per volume, ``D`` projection width.
     """
 
-    @property
-    def pred(self) -> Tensor:  # (B_l, N, P) predicted voxels per token
-        ...
-
-    @property
-    def target(self) -> Tensor:  # (B_l, N, P) raw patchified input voxels
-        ...
-
-    @property
-    def mask(self) -> Tensor:  # (B_l, N) bool, True = masked
-        ...
-
-    @property
-    def context(self) -> Tensor | None:  # (B_l, D) projected context vectors; None at level 1
-        ...
-
-    @property
-    def unit_features(self) -> Tensor | None:  # (B_l, U, D) projected unit features; None last
-        ...
-
-    @property
-    def parent(self) -> Tensor:  # (B_l,) long, parent volume index in the previous level (-1 at 1)
-        ...
-
-    @property
-    def parent_unit(self) -> Tensor:  # (B_l,) long, flat unit index in the parent volume
-        ...
+    pred: Tensor  # (B_l, N, P) predicted voxels per token
+    target: Tensor  # (B_l, N, P) raw patchified input voxels
+    mask: Tensor  # (B_l, N) bool, True = masked
+    context: Tensor | None  # (B_l, D) projected context vectors; None at level 1
+    unit_features: Tensor | None  # (B_l, U, D) projected unit features; None at the last level
+    parent: Tensor  # (B_l,) long, parent volume index in the previous level (-1 at level 1)
+    parent_unit: Tensor  # (B_l,) long, flat unit index in the parent volume
 
 
 class MiMOutputLike(Protocol):
     """Any object with a ``levels`` sequence, coarsest level first."""
 
-    @property
-    def levels(self) -> Sequence[LevelOutputLike]: ...
+    levels: Sequence[LevelOutputLike]
 
 
-def reconstruction_loss(
-    pred: Tensor, target: Tensor, mask: Tensor, *, norm_pix: bool = True, eps: float = 1e-6
-) -> Tensor:
+class SwinSSLOutputLike(Protocol):
+    """What :func:`swin_ssl_loss` reads from one view's Swin-UNETR SSL output."""
+
+    rotation: Tensor  # (B, R) rotation logits
+    contrastive: Tensor  # (B, P) un-normalised embedding
+    reconstruction: Tensor  # (B, C, D, H, W) inpainted volume
+
+
+def reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, *, norm_pix: bool = True,
+                        eps: float = 1e-6) -> Tensor:
     """Mean squared error on masked tokens (paper eq. 1-2, MAE convention).
 
     The per-token error is the mean over the ``P`` voxels of the squared difference; the loss is
@@ -116,15 +96,11 @@ def reconstruction_loss(
         ValueError: on mismatching shapes or a non-bool mask.
     """
     if pred.ndim != 3 or pred.shape != target.shape:
-        raise ValueError(
-            f"pred and target must both be (B, N, P); got {tuple(pred.shape)} and "
-            f"{tuple(target.shape)}"
-        )
+        raise ValueError(f"pred and target must both be (B, N, P); got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
     if mask.dtype != torch.bool or mask.shape != pred.shape[:2]:
-        raise ValueError(
-            f"mask must be a bool tensor of shape {tuple(pred.shape[:2])}; got "
-            f"{mask.dtype} {tuple(mask.shape)}"
-        )
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(pred.shape[:2])}; got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
     pred = pred.float()
     target = target.float()
     if norm_pix:
@@ -137,25 +113,21 @@ def reconstruction_loss(
     return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def _check_alignment_inputs(
-    context: Tensor, unit_features: Tensor, parent: Tensor, parent_unit: Tensor
-) -> None:
+def _check_alignment_inputs(context: Tensor, unit_features: Tensor, parent: Tensor,
+                            parent_unit: Tensor) -> None:
     """Validate shapes and index ranges shared by the two alignment losses."""
     if context.ndim != 2 or unit_features.ndim != 3:
-        raise ValueError(
-            f"context must be (M, D) and unit_features (Bp, U, D); got {tuple(context.shape)} "
-            f"and {tuple(unit_features.shape)}"
-        )
+        raise ValueError(f"context must be (M, D) and unit_features (Bp, U, D); got "
+                         f"{tuple(context.shape)} and {tuple(unit_features.shape)}")
     if context.shape[1] != unit_features.shape[2]:
-        raise ValueError(
-            f"context width {context.shape[1]} != unit feature width {unit_features.shape[2]}"
-        )
+        raise ValueError(f"context width {context.shape[1]} != unit feature width "
+                         f"{unit_features.shape[2]}")
     m = context.shape[0]
     for name, idx in (("parent", parent), ("parent_unit", parent_unit)):
         if idx.shape != (m,) or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{name} must be an integer tensor of shape ({m},); got "
                              f"{idx.dtype} {tuple(idx.shape)}")
-    if m == 0:
+    if m == 0 or parent.is_cuda:  # range checks read the device: keep the GPU step sync-free
         return
     bp, u = unit_features.shape[:2]
     if int(parent.min()) < 0 or int(parent.max()) >= bp:
@@ -171,14 +143,8 @@ def _empty_alignment(context: Tensor, unit_features: Tensor) -> Tensor:
     return context.float().sum() * 0.0 + unit_features.float().sum() * 0.0
 
 
-def infonce_alignment(
-    context: Tensor,
-    unit_features: Tensor,
-    parent: Tensor,
-    parent_unit: Tensor,
-    *,
-    temperature: float,
-) -> Tensor:
+def infonce_alignment(context: Tensor, unit_features: Tensor, parent: Tensor,
+                      parent_unit: Tensor, *, temperature: float) -> Tensor:
     """Cross-level InfoNCE (paper eq. 4-6): find your source unit among your parent's units.
 
     For child ``i`` the logits are ``cos(c_i, p_{parent(i), u}) / tau`` over the ``U`` units of
@@ -186,10 +152,8 @@ def infonce_alignment(
     averaged over children. The negatives are therefore the other units of the same parent
     (8 octants for level 1 -> 2, 216 tokens for level 2 -> 3), as described in Section III-C.
 
-    This is the standard InfoNCE. The paper's eq. 5 writes the denominator as a sum over
-    ``k != i`` (indices that mix children and units) and eq. 6 averages over all (i, j) pairs;
-    read literally that is not a proper contrastive loss, so mim3d uses the usual form, whose
-    denominator includes the positive.
+    This is the standard InfoNCE (denominator with the positive): the paper's eq. 5-6, read
+    literally (a sum over ``k != i`` mixing children and units), is not a contrastive loss.
 
     Args:
         context: ``(M, D)`` projected context vectors of the ``M`` children.
@@ -214,9 +178,8 @@ def infonce_alignment(
     return F.cross_entropy(logits, parent_unit.long())
 
 
-def byol_alignment(
-    context: Tensor, unit_features: Tensor, parent: Tensor, parent_unit: Tensor
-) -> Tensor:
+def byol_alignment(context: Tensor, unit_features: Tensor, parent: Tensor,
+                   parent_unit: Tensor) -> Tensor:
     """BYOL-style cosine alignment (Table X's alternative; no negatives).
 
     Mean over children of ``2 - 2 * cos(c_i, p_{parent(i), parent_unit(i)})``, i.e. the squared
@@ -320,10 +283,8 @@ def _touch(*tensors: Tensor | None) -> Tensor:
     return zero
 
 
-def _alignment_term(
-    parent_level: LevelOutputLike, child_level: LevelOutputLike, pair: str, alignment: str,
-    temperature: float,
-) -> Tensor:
+def _alignment_term(parent_level: LevelOutputLike, child_level: LevelOutputLike, pair: str,
+                    alignment: str, temperature: float) -> Tensor:
     """Alignment loss between a parent level and its child level."""
     context, units = child_level.context, parent_level.unit_features
     if context is None or units is None:
@@ -335,17 +296,11 @@ def _alignment_term(
     return byol_alignment(context, units, child_level.parent, child_level.parent_unit)
 
 
-def mim_loss(
-    out: MiMOutputLike,
-    *,
-    norm_pix: bool = True,
-    alpha: float = 0.1,
-    alignment: str = "infonce",
-    temperature: float = 0.1,
-    recon_levels: Sequence[bool] | None = None,
-    align_pairs: Sequence[bool] | None = None,
-    weights: Sequence[float] | None = None,
-) -> dict[str, Tensor]:
+def mim_loss(out: MiMOutputLike, *, norm_pix: bool = True, alpha: float = 0.1,
+             alignment: str = "infonce", temperature: float = 0.1,
+             recon_levels: Sequence[bool] | None = None,
+             align_pairs: Sequence[bool] | None = None,
+             weights: Sequence[float] | None = None) -> dict[str, Tensor]:
     """Total MiM loss ``sum_l w_l L_R^l + alpha * sum_l L_C^{l,l+1}`` (DESIGN §1, eq. 8-10).
 
     This is a *sum* over levels and pairs (eq. 8-9), not the means of eq. 3 and 7.
@@ -353,7 +308,8 @@ def mim_loss(
     Args:
         out: model output with ``levels`` (coarsest first), see :class:`LevelOutputLike`.
         norm_pix: per-token target normalisation in the reconstruction terms.
-        alpha: weight of the alignment terms.
+        alpha: weight of the alignment terms; 0 skips them (no term is computed, so a model
+            built without projection heads is fine).
         alignment: ``"infonce"`` (paper default), ``"byol"`` (Table X) or ``"none"``.
         temperature: InfoNCE temperature.
         recon_levels: ``L`` switches for the reconstruction terms (Table VIII); default all on.
@@ -387,9 +343,63 @@ def mim_loss(
             total = total + w[i] * term
     for i in range(n - 1):
         parent, child = levels[i], levels[i + 1]
-        if alignment != "none" and align_on[i]:
+        if alignment != "none" and align_on[i] and alpha != 0:
             pair = f"{i + 1}_{i + 2}"
             term = _alignment_term(parent, child, pair, alignment, temperature)
             terms[f"align_{pair}"] = term
             total = total + alpha * term
     return {"loss": total, **terms}
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
+    """NT-Xent (SimCLR) loss between two views of the same B samples.
+
+    Each of the 2B embeddings has its other view as the positive and the remaining 2B - 2 as
+    negatives; the loss is the mean over all 2B anchors of
+    ``-log(exp(s_pos / t) / sum_{k != anchor} exp(s_k / t))`` with cosine similarities ``s``.
+    With B = 1 there are no negatives and the loss is exactly 0.
+
+    Args:
+        z1: (B, P) embeddings of view 1.
+        z2: (B, P) embeddings of view 2.
+        temperature: t > 0.
+
+    Returns:
+        Scalar float32 tensor.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"z1, z2 must both be (B, P), got {tuple(z1.shape)}, {tuple(z2.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    logits = z @ z.t() / temperature
+    self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))  # an anchor is not its own negative
+    target = (torch.arange(2 * b, device=z.device) + b) % (2 * b)
+    return F.cross_entropy(logits, target)
+
+
+def swin_ssl_loss(out1: SwinSSLOutputLike, out2: SwinSSLOutputLike, rot_targets1: Tensor,
+                  rot_targets2: Tensor, x1: Tensor, x2: Tensor, *, temperature: float = 0.5,
+                  weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict[str, Tensor]:
+    """Total Swin-UNETR SSL loss (Tang et al., CVPR 2022): rotation CE + NT-Xent + L1 inpainting.
+
+    Args:
+        out1, out2: model outputs of the two augmented views.
+        rot_targets1, rot_targets2: (B,) Long rotation labels of the views.
+        x1, x2: (B, C, D, H, W) inpainting targets (the rotated views *before* cutout).
+        temperature: NT-Xent temperature (0.5 in the paper).
+        weights: (rotation, contrastive, reconstruction) weights (all 1 in the paper).
+
+    Returns:
+        ``{"loss", "rotation", "contrastive", "reconstruction"}`` scalar float32 tensors. The
+        rotation CE and the L1 are means over both views (all samples, all voxels).
+    """
+    rot = F.cross_entropy(torch.cat([out1.rotation, out2.rotation]).float(),
+                          torch.cat([rot_targets1, rot_targets2]))
+    con = nt_xent(out1.contrastive, out2.contrastive, temperature)
+    rec = F.l1_loss(torch.cat([out1.reconstruction, out2.reconstruction]).float(),
+                    torch.cat([x1, x2]).float())
+    total = weights[0] * rot + weights[1] * con + weights[2] * rec
+    return {"loss": total, "rotation": rot, "contrastive": con, "reconstruction": rec}

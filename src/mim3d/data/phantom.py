@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from mim3d.data.phantom_shapes import Canvas, Frame, blob, smooth_field, tube
 from mim3d.data.volume import Volume
 
 __all__ = ["LABELS", "TISSUE_HU", "make_phantom", "write_cohort"]
@@ -46,7 +46,6 @@ TISSUE_HU: dict[str, tuple[float, float]] = {
 }
 
 _BODY, _BONE, _LUNG, _GAS = 14, 15, 16, 17
-_Slices = tuple[slice, slice, slice]
 _Vec3 = tuple[float, float, float]
 
 # Organs in paint order: later entries win where shapes touch, so small structures that sit
@@ -76,103 +75,14 @@ _ORGANS: tuple[tuple, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class _Frame:
-    """Patient-normalised coordinates of the voxel grid (1D per axis) and 2D body maps.
-
-    Attributes:
-        u, v, w: normalised coordinate of each index along the R, A and S array axes.
-        ky, kz: factors turning v and w differences into u units (isotropic distances).
-        rb: (X, Y) body superellipse radius (1 = skin); wall: rb where subcutaneous fat starts.
-        cavity: (X, Y) inside the muscle wall, where organs may lie.
-        dome: (X, Y) w of the diaphragm: abdominal organs below, lungs above.
-        y_mm: world y of each index along the A axis, for the table.
-    """
-
-    u: np.ndarray
-    v: np.ndarray
-    w: np.ndarray
-    ky: float
-    kz: float
-    rb: np.ndarray
-    cavity: np.ndarray
-    wall: float
-    dome: np.ndarray
-    y_mm: np.ndarray
-
-    def box(self, lo: np.ndarray, hi: np.ndarray) -> _Slices:
-        """Index slices covering the normalised box [lo, hi] (possibly empty)."""
-        axes = (self.u, self.v, self.w)
-        return tuple(slice(int(np.searchsorted(a, a0)), int(np.searchsorted(a, a1, "right")))
-                     for a, a0, a1 in zip(axes, lo, hi))
-
-    def grids(self, sl: _Slices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Broadcastable (u, v, w) coordinates of a box."""
-        return (self.u[sl[0], None, None], self.v[None, sl[1], None], self.w[None, None, sl[2]])
-
-    def inside(self, sl: _Slices, below_dome: bool) -> np.ndarray:
-        """Where an organ may lie in a box: inside the cavity, optionally below the diaphragm."""
-        ok = self.cavity[sl[0], sl[1], None]
-        if below_dome:
-            ok = ok & (self.w[None, None, sl[2]] < self.dome[sl[0], sl[1], None])
-        return ok
-
-
-class _Canvas:
-    """The HU image and label map being painted, front to back."""
-
-    def __init__(self, shape: tuple[int, int, int]) -> None:
-        self.hu = np.full(shape, -1000.0, dtype=np.float32)  # air
-        self.label = np.zeros(shape, dtype=np.uint8)
-
-    def paint(self, sl: _Slices, mask: np.ndarray, label: int | None, hu: float | np.ndarray,
-              onto: tuple[int, ...] | None = None) -> None:
-        """Set label (None keeps it) and HU where ``mask``, only over labels ``onto`` if given."""
-        lab = self.label[sl]
-        if mask.shape[2:] == (1,) and onto is None and np.ndim(hu) == 0:
-            # Same footprint on every slice: index whole z-rows, ~10x faster than a 3D mask.
-            rows = mask[:, :, 0] & np.ones(lab.shape[:2], dtype=bool)
-            if label is not None:
-                lab[rows] = label
-            self.hu[sl][rows] = hu
-            return
-        mask = np.broadcast_to(mask, lab.shape)
-        if onto is not None:  # a chain of == is much faster than np.isin for 1-2 ids
-            allowed = lab == onto[0]
-            for extra in onto[1:]:
-                allowed |= lab == extra
-            mask = mask & allowed
-        if label is not None:
-            lab[mask] = label
-        img = self.hu[sl]
-        img[mask] = hu if np.ndim(hu) == 0 else np.broadcast_to(hu, lab.shape)[mask]
-
-
 def _draw_hu(rng: np.random.Generator) -> dict[str, float]:
     """One HU value per tissue for this case."""
     return {name: float(np.clip(rng.normal(mean, sd), mean - 2 * sd, mean + 2 * sd))
             for name, (mean, sd) in TISSUE_HU.items()}
 
 
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], cell: float) -> np.ndarray:
-    """Unit-variance random field with features about ``cell`` voxels across.
-
-    Coarse white noise is spread to the grid with separable Gaussian weights: three small
-    matrix products, far faster than ``ndimage.zoom`` at the same smoothness.
-    """
-    mats = []
-    for n in shape:
-        nodes = np.arange(math.ceil(n / cell) + 2) - 0.5
-        pos = np.arange(n) / cell
-        mats.append(np.exp(-0.5 * ((pos[:, None] - nodes[None, :]) / 0.7) ** 2).astype(np.float32))
-    field = rng.standard_normal([m.shape[1] for m in mats]).astype(np.float32)
-    for m in mats:  # each tensordot consumes the leading axis and appends the fine one
-        field = np.tensordot(field, m, axes=([0], [1]))
-    return field / max(float(field.std()), 1e-6)
-
-
 def _make_frame(shape: tuple[int, int, int], spacing: _Vec3, rng: np.random.Generator,
-                ) -> tuple[_Frame, np.ndarray, dict[str, float]]:
+                ) -> tuple[Frame, np.ndarray, dict[str, float]]:
     """Draw the body geometry and return the frame, the affine and the table placement."""
     half = [(n - 1) * s / 2.0 for n, s in zip(shape, spacing)]
     coords = [np.linspace(-h, h, n, dtype=np.float64) for h, n in zip(half, shape)]
@@ -194,7 +104,7 @@ def _make_frame(shape: tuple[int, int, int], spacing: _Vec3, rng: np.random.Gene
     side = np.where(uu > 0, 0.42, 0.36) + rng.uniform(-0.04, 0.04)  # right dome sits higher
     bump = np.clip(1 - ((np.abs(uu) - 0.42) / 0.42) ** 2 - (vv / 0.5) ** 2, 0, None)
     dome = side + 0.28 * bump
-    frame = _Frame(u.astype(np.float32), v.astype(np.float32), w.astype(np.float32),
+    frame = Frame(u.astype(np.float32), v.astype(np.float32), w.astype(np.float32),
                    sy / sx, half[2] / sx, rb, cavity, wall, dome, coords[1])
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [-h for h in half]
@@ -202,52 +112,7 @@ def _make_frame(shape: tuple[int, int, int], spacing: _Vec3, rng: np.random.Gene
     return frame, affine, table
 
 
-def _blob(frame: _Frame, rng: np.random.Generator, centre: np.ndarray, radii: np.ndarray,
-          angle_deg: float, wobble: float = 0.15,
-          ) -> tuple[_Slices, np.ndarray, np.ndarray, np.ndarray]:
-    """A smoothly deformed, rotated ellipsoid.
-
-    Returns:
-        The box, the mask inside it, the normalised radius q (0 centre, 1 surface) and the
-        local anterior coordinate (for air-fluid levels).
-    """
-    reach = max(radii[0], radii[1]) * (1 + wobble)
-    ext = np.array([reach, reach, radii[2] * (1 + wobble)])
-    sl = frame.box(centre - ext, centre + ext)
-    gu, gv, gw = frame.grids(sl)
-    du, dv = gu - centre[0], gv - centre[1]
-    t = math.radians(angle_deg)
-    a = (du * math.cos(t) + dv * math.sin(t)) / radii[0]
-    b = (-du * math.sin(t) + dv * math.cos(t)) / radii[1]
-    c = (gw - centre[2]) / radii[2]
-    q = np.sqrt(a * a + b * b + c * c)
-    # Low-frequency lumps on the surface: a few random plane waves in local coordinates.
-    thr = np.ones_like(q)
-    for _ in range(3):
-        f = rng.normal(size=3) * rng.uniform(1.5, 3.0) / math.sqrt(3)
-        thr += rng.uniform(0, wobble / 3) * np.sin(f[0] * a + f[1] * b + f[2] * c
-                                                   + rng.uniform(0, 2 * np.pi))
-    q = q / thr
-    return sl, q < 1.0, q, b
-
-
-def _tube(canvas: _Canvas, frame: _Frame, points: np.ndarray, radii: np.ndarray, label: int,
-          hu: float, below_dome: bool) -> None:
-    """Paint a chain of capsules (round cross-section in mm) through ``points``."""
-    scale = np.array([1.0, frame.ky, frame.kz])  # normalised -> isotropic u units
-    for p0, p1, r0, r1 in zip(points[:-1], points[1:], radii[:-1], radii[1:]):
-        rmax = max(r0, r1) / scale
-        sl = frame.box(np.minimum(p0, p1) - rmax, np.maximum(p0, p1) + rmax)
-        gu, gv, gw = frame.grids(sl)
-        d = (p1 - p0) * scale
-        rel = [(g - o) * k for g, o, k in zip((gu, gv, gw), p0, scale)]
-        t = np.clip((rel[0] * d[0] + rel[1] * d[1] + rel[2] * d[2]) / float(d @ d), 0.0, 1.0)
-        dist2 = sum((r - t * dk) ** 2 for r, dk in zip(rel, d))
-        mask = (dist2 < (r0 + t * (r1 - r0)) ** 2) & frame.inside(sl, below_dome)
-        canvas.paint(sl, mask, label, hu)
-
-
-def _paint_body(canvas: _Canvas, frame: _Frame, table: dict[str, float],
+def _paint_body(canvas: Canvas, frame: Frame, table: dict[str, float],
                 rng: np.random.Generator, hu: dict[str, float]) -> None:
     """Table, body outline, subcutaneous fat, muscle wall, paraspinal and psoas muscles."""
     full = (slice(None),) * 3
@@ -264,14 +129,14 @@ def _paint_body(canvas: _Canvas, frame: _Frame, table: dict[str, float],
     muscle |= (np.abs(uu) < 0.36) & (vv < -0.42) & (frame.rb < frame.wall)
     canvas.paint(full, muscle[:, :, None], None, hu["muscle"])
     # Bowel: a random field split into loops of soft tissue, pockets of gas, mesenteric fat.
-    field = _smooth_field(rng, canvas.hu.shape, cell=max(3.0, canvas.hu.shape[0] / 20))
+    field = smooth_field(rng, canvas.hu.shape, cell=max(3.0, canvas.hu.shape[0] / 20))
     belly = frame.cavity[:, :, None] & (frame.w[None, None, :] < frame.dome[:, :, None] - 0.1)
     canvas.paint(full, belly & (field > -0.2), _BODY, hu["bowel"])
     low = frame.w[None, None, :] < 0.25
     canvas.paint(full, belly & low & (field > 1.5), _GAS, hu["gas"])
     for sgn in (1.0, -1.0):  # psoas widens towards the pelvis
         pts = np.array([[0.20 * sgn, -0.30, 0.15], [0.24 * sgn, -0.28, -1.3]])
-        _tube(canvas, frame, pts, np.array([0.03, 0.10]), _BODY, hu["muscle"], True)
+        tube(canvas, frame, pts, np.array([0.03, 0.10]), _BODY, hu["muscle"], True)
 
 
 def _organ_hu(key: str, hu: dict[str, float], q: np.ndarray, front: np.ndarray,
@@ -284,7 +149,7 @@ def _organ_hu(key: str, hu: dict[str, float], q: np.ndarray, front: np.ndarray,
     return hu[key]
 
 
-def _paint_organs(canvas: _Canvas, frame: _Frame, rng: np.random.Generator,
+def _paint_organs(canvas: Canvas, frame: Frame, rng: np.random.Generator,
                   hu: dict[str, float]) -> None:
     """The 13 BTCV organs, each jittered in position, size, orientation and shape."""
     for kind, label, key, where, size, *rest in _ORGANS:
@@ -292,16 +157,16 @@ def _paint_organs(canvas: _Canvas, frame: _Frame, rng: np.random.Generator,
         if kind == _BLOB:
             centre = np.asarray(where) + shift
             radii = np.asarray(size) * rng.uniform(0.9, 1.1, 3)
-            sl, mask, q, front = _blob(frame, rng, centre, radii, rest[0] + rng.normal(0, 8))
+            sl, mask, q, front = blob(frame, rng, centre, radii, rest[0] + rng.normal(0, 8))
             mask &= frame.inside(sl, below_dome=True)
             canvas.paint(sl, mask, label, _organ_hu(key, hu, q, front))
         else:
             pts = np.asarray(where) + shift
             radii = np.asarray(size) * rng.uniform(0.85, 1.15)
-            _tube(canvas, frame, pts, radii, label, hu[key], below_dome=key == "pancreas")
+            tube(canvas, frame, pts, radii, label, hu[key], below_dome=key == "pancreas")
 
 
-def _paint_thorax(canvas: _Canvas, frame: _Frame, hu: dict[str, float]) -> None:
+def _paint_thorax(canvas: Canvas, frame: Frame, hu: dict[str, float]) -> None:
     """Lungs above the diaphragm, either side of the mediastinum, and the heart between."""
     full = (slice(None),) * 3
     uu, vv = frame.u[:, None, None], frame.v[None, :, None]
@@ -315,7 +180,7 @@ def _paint_thorax(canvas: _Canvas, frame: _Frame, hu: dict[str, float]) -> None:
                  onto=(_BODY, _LUNG))
 
 
-def _paint_bone(canvas: _Canvas, frame: _Frame, rng: np.random.Generator,
+def _paint_bone(canvas: Canvas, frame: Frame, rng: np.random.Generator,
                 hu: dict[str, float]) -> None:
     """Spine (with discs and canal), ribs and iliac wings; cortex brighter than marrow."""
     full, soft = (slice(None),) * 3, (_BODY, _GAS)
@@ -336,7 +201,7 @@ def _paint_bone(canvas: _Canvas, frame: _Frame, rng: np.random.Generator,
     canvas.paint(zs, band[:, :, None] & (phase[zs] % 1.0 < 0.35), _BONE, 0.0, onto=soft)
     for sgn in (1.0, -1.0):
         centre = np.array([0.55 * sgn, -0.20, -1.05]) + rng.normal(0, 0.02, 3)
-        sl, mask, _, _ = _blob(frame, rng, centre, np.array([0.09, 0.30, 0.40]), 35.0 * sgn)
+        sl, mask, _, _ = blob(frame, rng, centre, np.array([0.09, 0.30, 0.40]), 35.0 * sgn)
         canvas.paint(sl, mask & frame.cavity[sl[0], sl[1], None], _BONE, 0.0, onto=soft)
     bone = canvas.label == _BONE
     marrow = ndimage.binary_erosion(bone)
@@ -344,14 +209,14 @@ def _paint_bone(canvas: _Canvas, frame: _Frame, rng: np.random.Generator,
     canvas.hu[marrow] = hu["bone_marrow"]
 
 
-def _finish(canvas: _Canvas, rng: np.random.Generator, noise_sd: float) -> np.ndarray:
+def _finish(canvas: Canvas, rng: np.random.Generator, noise_sd: float) -> np.ndarray:
     """Tissue texture, partial-volume blur and correlated noise; returns int16 HU.
 
     White noise is added before the one Gaussian blur, so the blur both softens edges (partial
     volume) and correlates the noise, as CT reconstruction kernels do; its amplitude is scaled
     up by the blur's known noise reduction so the final noise sd is ``noise_sd``.
     """
-    texture = _smooth_field(rng, canvas.hu.shape, max(2.0, canvas.hu.shape[0] / 32))
+    texture = smooth_field(rng, canvas.hu.shape, max(2.0, canvas.hu.shape[0] / 32))
     texture *= 6.0
     texture[canvas.label == 0] = 0.0  # parenchymal heterogeneity, not in the air
     canvas.hu += texture
@@ -405,7 +270,7 @@ def make_phantom(*, shape: tuple[int, int, int] = (128, 128, 96),
     rng = np.random.default_rng(seed)
     hu = _draw_hu(rng)
     frame, affine, table = _make_frame(shape, spacing, rng)
-    canvas = _Canvas(shape)
+    canvas = Canvas(shape)
     _paint_body(canvas, frame, table, rng, hu)
     _paint_organs(canvas, frame, rng, hu)
     _paint_thorax(canvas, frame, hu)

@@ -2,8 +2,11 @@
 
 A downstream preset's pipeline (DESIGN.md §4) is split in two :class:`monai.transforms.Compose`:
 
-* **deterministic** (cached once per case): load with mim3d's readers -> RAS -> resample to
-  ``data.spacing`` -> intensity normalisation -> crop to the body -> pad to the ROI;
+* **deterministic** (cached once per case): load with mim3d's readers (RAS) -> resample to
+  ``data.spacing`` -> intensity normalisation -> crop to the body -> pad to the ROI; reading,
+  resampling and the HU window are :mod:`mim3d.data.preprocess` (through the MONAI transforms
+  of :mod:`mim3d.data.steps`), the functions that build the pre-training store too, so both
+  paths give the same array for the same CT;
 * **random** (train only, run on every access): positive/negative label-balanced ROI crops for
   segmentation (a plain random ROI crop for classification), flips, 90-degree rotations and small
   intensity scale/shift; the common SwinUNETR/MiM fine-tuning recipe.
@@ -17,7 +20,7 @@ A nested Compose would count as random (Compose is Randomizable), so the two par
 
 Labels (segmentation): the ids listed in ``task.labels`` are kept as they are and every other id
 becomes background 0. Listed ids must lie in ``1..num_classes-1``; ``labels=None`` keeps all of
-``1..num_classes-1``. An optional ``label_aliases`` map (e.g. :data:`BRATS_LABEL_ALIASES`, 4 -> 3)
+``1..num_classes-1``. An optional ``label_aliases`` map (e.g. the brats21 preset's 4 -> 3)
 is applied to the raw ids first. Classification labels are integers in ``0..num_classes-1``, given
 as the ``label`` of a datalist entry (``{"image": path, "label": 2}``).
 """
@@ -25,7 +28,7 @@ as the ``label`` of a datalist entry (``{"image": path, "label": 2}``).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,87 +40,19 @@ from monai.utils import convert_to_dst_type
 
 from mim3d.config import DataConfig, TaskConfig
 from mim3d.data.datalists import case_name
-from mim3d.data.volume import ImageReadError, Volume
+from mim3d.data.steps import (
+    AFFINE_TOL_MM,
+    LoadVolumed,
+    Reader,
+    ResampleToSpacingd,
+    WindowHUd,
+)
+from mim3d.data.volume import ImageReadError
 
 if TYPE_CHECKING:
     from mim3d.data.datalists import CaseSpec
 
 IMAGE, LABEL, NAME = "image", "label", "name"
-#: BraTS ships enhancing tumour as 4; the brats21 preset lists it as class 3.
-BRATS_LABEL_ALIASES: dict[int, int] = {4: 3}
-_AFFINE_TOL_MM = 1e-3
-
-PathLike = str | os.PathLike
-Reader = Callable[[str], Volume]
-
-
-def _default_reader(path: str) -> Volume:
-    # Looked up at call time so tests can monkeypatch ``readers.read_volume`` and so that importing
-    # this module does not pull in SimpleITK/pydicom until data is actually read.
-    from mim3d.data import readers
-
-    return readers.read_volume(path)
-
-
-class LoadVolumed(MapTransform):
-    """Read images with :func:`mim3d.data.readers.read_volume` into channel-first MetaTensors.
-
-    A value that is a list/tuple of paths is read file by file and stacked as channels (BraTS:
-    T1, T1ce, T2, FLAIR); all files must share shape and affine. The result is a
-    :class:`monai.data.MetaTensor` of shape ``(C, X, Y, Z)`` whose ``affine`` is the RAS+ mm
-    voxel-to-world matrix, so ``Orientationd``/``Spacingd`` and ``Invertd`` work unchanged.
-    """
-
-    def __init__(self, keys: Sequence[str] | str, *, reader: Reader | None = None,
-                 dtype: np.dtype | type = np.float32, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.reader = reader
-        self.dtype = dtype
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.load(d[key])
-        return d
-
-    def load(self, paths: PathLike | Sequence[PathLike]) -> MetaTensor:
-        """Read one path or a list of co-registered paths into ``(C, X, Y, Z)``.
-
-        A single 4D file ``(X, Y, Z, C)`` (MSD BrainTumour) gives its C channels; a list of
-        3D files gives one channel per file.
-        """
-        items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        if not items:
-            raise ImageReadError("an empty list of image paths was given: list at least one file")
-        read = self.reader or _default_reader
-        vols = [read(str(p)) for p in items]
-        first = vols[0]
-        for vol in vols[1:]:
-            if vol.shape != first.shape or not np.allclose(vol.affine, first.affine,
-                                                           atol=_AFFINE_TOL_MM):
-                raise ImageReadError(
-                    f"{vol.source}: grid {vol.shape} does not match {first.source} {first.shape}; "
-                    "channels of one case must be co-registered (resample them first)")
-        array = np.concatenate([_channels_first(v.array, self.dtype) for v in vols])
-        meta = {
-            "filename_or_obj": first.source if len(vols) == 1 else [v.source for v in vols],
-            "original_affine": first.affine.copy(),
-            "spatial_shape": np.asarray(first.shape[:3]),
-            "space": "RAS",
-            # MONAI's convention: a 3D file gets a new channel axis; stacked files use axis 0.
-            "original_channel_dim": "no_channel" if array.shape[0] == 1 else 0,
-        }
-        affine = torch.as_tensor(first.affine, dtype=torch.float64)
-        return MetaTensor(torch.from_numpy(array), affine=affine, meta=meta)
-
-
-def _channels_first(array: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
-    """``(X, Y, Z)`` -> ``(1, X, Y, Z)``; ``(X, Y, Z, ...)`` -> ``(C, X, Y, Z)``, C = the rest."""
-    array = np.asarray(array, dtype=dtype)
-    if array.ndim < 3:
-        raise ImageReadError(f"image has {array.ndim} dims {array.shape}; a 3D volume is needed")
-    flat = array.reshape(*array.shape[:3], -1)
-    return np.ascontiguousarray(np.moveaxis(flat, -1, 0))
 
 
 def remap_labels(label: np.ndarray | torch.Tensor, labels: Mapping[int, str] | Sequence[int], *,
@@ -180,7 +115,7 @@ class CheckCased(Transform):
         if not isinstance(lab, MetaTensor):  # no label, or a class index
             return data
         same = img.shape[1:] == lab.shape[1:] and torch.allclose(
-            img.affine.double(), lab.affine.double(), atol=_AFFINE_TOL_MM)
+            img.affine.double(), lab.affine.double(), atol=AFFINE_TOL_MM)
         if lab.shape[0] != 1 or not same:
             raise ImageReadError(
                 f"case {name}: label {tuple(lab.shape)} does not lie on the image grid "
@@ -237,8 +172,7 @@ def seg_label_ids(task: TaskConfig) -> tuple[int, ...]:
 
 def _intensity(data: DataConfig) -> Transform:
     if data.normalization == "window":
-        lo, hi = data.hu_window
-        return mt.ScaleIntensityRanged(IMAGE, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+        return WindowHUd(IMAGE, data.hu_window)
     if data.normalization == "zscore":
         return mt.NormalizeIntensityd(IMAGE, nonzero=True, channel_wise=True)
     return mt.ScaleIntensityd(IMAGE, minv=0.0, maxv=1.0)
@@ -259,11 +193,9 @@ def _deterministic(data: DataConfig, task: TaskConfig, train: bool, reader: Read
                                   allow_missing_keys=True))
     else:
         steps.append(ClassLabeld(LABEL, task.num_classes))
-    # labels=None: read the axis convention from the MetaTensor's "space" (RAS, set on load).
-    steps.append(mt.Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True))
-    if data.spacing is not None:
+    if data.spacing is not None:  # the reader already oriented both to RAS
         modes = ("bilinear", "nearest")[:len(keys)]  # nearest keeps label ids intact
-        steps.append(mt.Spacingd(keys, pixdim=data.spacing, mode=modes, allow_missing_keys=True))
+        steps.append(ResampleToSpacingd(keys, data.spacing, modes, allow_missing_keys=True))
     steps.append(_intensity(data))
     select = _nonzero if data.normalization == "zscore" else _above_zero
     steps += [
@@ -314,7 +246,7 @@ def build_transforms(data: DataConfig, task: TaskConfig, *, train: bool, seed: i
         train: add the random crop and augmentations.
         seed: seeds every random transform (``Compose.set_random_state``).
         reader: replaces :func:`mim3d.data.readers.read_volume` (path -> Volume).
-        label_aliases: raw label id -> class id before filtering, e.g. :data:`BRATS_LABEL_ALIASES`;
+        label_aliases: raw label id -> class id before filtering, e.g. ``{4: 3}`` (BraTS);
             default ``task.label_aliases``.
 
     Raises:
@@ -419,7 +351,7 @@ def make_dataset(cases: Sequence[CaseSpec | Mapping[str, Any]], data: DataConfig
         workers: threads that fill the cache (``CacheDataset(num_workers=...)``).
         seed: seed of the random transforms.
         reader: replaces :func:`mim3d.data.readers.read_volume`.
-        label_aliases: raw label id -> class id (e.g. :data:`BRATS_LABEL_ALIASES`).
+        label_aliases: raw label id -> class id (e.g. ``{4: 3}`` for BraTS).
 
     Raises:
         ValueError: a case without image, with the wrong number of channels or a missing label.

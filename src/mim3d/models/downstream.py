@@ -2,19 +2,20 @@
 pre-trained encoders, plus the MONAI baselines.
 
 * :class:`MiMUNETR` - the hybrid encoder run on all tokens with a SwinUNETR-style CNN decoder.
-* :func:`build_unetr` / :func:`vit_state_to_unetr` - MONAI ``UNETR`` hosting a mim3d
-  :class:`~mim3d.models.vit.ViTEncoder` (the "MiM + UNETR" row of Table V).
+* :func:`build_unetr` - MONAI ``UNETR`` hosting a mim3d :class:`~mim3d.models.vit.ViTEncoder`
+  (the "MiM + UNETR" row of Table V); :func:`mim3d.transfer.load_encoder_into` fills its ``vit``.
 * :func:`build_swinunetr` - MONAI ``SwinUNETR`` (from scratch, or with a Swin-UNETR SSL encoder).
 * :class:`MiMClassifier` - hybrid encoder, global average pool, MLP head.
-* :func:`build_downstream` - any of them at the encoder size of a pretrain preset, so an encoder
-  pre-trained with preset ``X`` loads key- and shape-identically into the network of size ``X``
-  (under :data:`ENCODER_PREFIX`), when ``roi`` equals the preset's ``geometry.input_size``.
+
+:func:`mim3d.factory.build_downstream` builds any of them at the encoder size of a pretrain
+preset, so an encoder pre-trained with preset ``X`` loads key- and shape-identically into the
+network of size ``X`` (under :data:`ENCODER_PREFIX`), when ``roi`` equals the preset's
+``geometry.input_size``.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +24,6 @@ from monai.networks.nets import UNETR, SwinUNETR, ViT
 from torch import Tensor, nn
 
 from mim3d.models.hybrid import HybridEncoder
-from mim3d.models.layers import sincos_pos_embed_3d
 
 __all__ = [
     "ENCODER_PREFIX",
@@ -33,7 +33,6 @@ __all__ = [
     "build_swinunetr",
     "build_unetr",
     "check_roi",
-    "vit_state_to_unetr",
 ]
 
 NETWORKS = ("mim-unetr", "unetr", "swinunetr", "classifier")
@@ -43,6 +42,7 @@ ENCODER_PREFIX = {"mim-unetr": "encoder", "classifier": "encoder", "unetr": "vit
 
 
 def check_roi(roi: Sequence[int], multiple: int, what: str) -> tuple[int, int, int]:
+    """``roi`` as 3 ints, each a positive multiple of ``multiple`` (else ValueError naming ``what``)."""
     roi = tuple(roi)
     if len(roi) != 3 or any(int(r) != r or r < multiple or r % multiple for r in roi):
         raise ValueError(f"roi {roi} must be 3 ints, each a positive multiple of {multiple} "
@@ -189,8 +189,8 @@ def build_unetr(*, in_channels: int, out_channels: int, roi: Sequence[int], patc
     """MONAI ``UNETR`` whose ``vit`` matches a mim3d ``ViTEncoder`` of the same sizes.
 
     The ViT is built with a conv patch embedding, qkv bias, no class token and MONAI's
-    learnable position embedding (fill it from :func:`vit_state_to_unetr`). Skip taps and the
-    patch-8 variant: see :class:`_UNETR`; depth 12 / patch 16 computes exactly MONAI's UNETR.
+    learnable position embedding (filled by :func:`mim3d.transfer.load_encoder_into`). Skip taps
+    and the patch-8 variant: see :class:`_UNETR`; depth 12 / patch 16 computes exactly MONAI's UNETR.
 
     Args:
         in_channels: image channels.
@@ -217,46 +217,6 @@ def build_unetr(*, in_channels: int, out_channels: int, roi: Sequence[int], patc
     return _UNETR(in_channels=in_channels, out_channels=out_channels, roi=roi,
                   patch_size=patch_size, hidden_size=hidden_size, num_layers=num_layers,
                   num_heads=num_heads, mlp_dim=mlp_dim, feature_size=feature_size)
-
-
-_VIT_KEY = re.compile(r"patch_embedding\.(patch_embeddings\.(weight|bias)|position_embeddings)"
-                      r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.out_proj|mlp\.linear1"
-                      r"|mlp\.linear2)\.(weight|bias)|norm\.(weight|bias)")
-_POS_KEY = "patch_embedding.position_embeddings"
-
-
-def vit_state_to_unetr(vit_state: dict[str, Tensor], *,
-                       grid: tuple[int, int, int] | None = None) -> dict[str, Tensor]:
-    """Map a mim3d ``ViTEncoder`` state dict onto ``UNETR`` keys (``vit.`` + same name).
-
-    Names and shapes are identical (see :mod:`mim3d.models.vit`). Our fixed sin-cos position
-    embedding (a persistent buffer) becomes the initial value of UNETR's learnable
-    ``vit.patch_embedding.position_embeddings``. Load the result with ``strict=False``: the only
-    ``vit.`` keys it lacks are MONAI's unused ``blocks.i.norm_cross_attn``.
-
-    Args:
-        vit_state: ``ViTEncoder.state_dict()`` (no prefix).
-        grid: token grid of the UNETR's roi. When given, the sin-cos embedding is recomputed
-            for it (exact, as it is a fixed function of the grid), so a ViT pre-trained at one
-            input size transfers to another roi; required if the state has no position entry.
-
-    Returns:
-        New dict ``{"vit." + key: tensor}``.
-
-    Raises:
-        ValueError: a key that is not a ``ViTEncoder`` key, or no position embedding available.
-    """
-    unknown = [k for k in vit_state if not _VIT_KEY.fullmatch(k)]
-    if unknown:
-        raise ValueError(f"not ViTEncoder keys: {unknown[:5]}")
-    out = {f"vit.{k}": v.detach().clone() for k, v in vit_state.items()}
-    if grid is not None:
-        dim = vit_state["patch_embedding.patch_embeddings.weight"].shape[0]
-        out[f"vit.{_POS_KEY}"] = sincos_pos_embed_3d(tuple(grid), dim)
-    elif _POS_KEY not in vit_state:
-        raise ValueError(f"state has no {_POS_KEY}; pass grid= to recompute the sin-cos "
-                         "embedding (UNETR's own would stay random)")
-    return out
 
 
 def build_swinunetr(*, in_channels: int, out_channels: int, feature_size: int = 48,
