@@ -387,3 +387,31 @@ def test_auc_undefined_without_positives() -> None:
     assert math.isnan(ev.classification_metrics(probs[:, :2], np.zeros(3, int))["auc"])
     with pytest.raises(ValueError):
         ev.classification_metrics(probs, np.array([0, 1, 3]))
+
+
+def test_sliding_window_progress_bar_shows_an_eta(capsys: pytest.CaptureFixture) -> None:
+    out = ev.sliding_window_predict(lambda_net(), torch.zeros(1, 1, 40, 20, 20),
+                                    roi=(16, 16, 16), progress=True)
+    torch.testing.assert_close(out, torch.full_like(out, 3.0))  # same result with the bar
+    err = capsys.readouterr().err
+    assert "100%" in err and "<" in err  # tqdm's "[elapsed<remaining" field
+
+
+def test_evaluate_console_summary_lists_mean_dice_and_nsd() -> None:
+    from mim3d.engine.evaluate import summary_lines
+
+    pred = np.zeros(SHAPE, np.int32)
+    gt = np.zeros(SHAPE, np.int32)
+    gt[4:12, 4:12, 4:12] = 1
+    pred[4:12, 4:12, 4:10] = 1  # Dice 2 * 384 / (384 + 512) = 6/7
+    gt[20:28, 20:28, 20:28] = 2
+    pred[20:28, 20:28, 20:28] = 2
+    case = ev.evaluate_case(pred, gt, spacing=(1.0, 1.0, 1.0), class_ids=[1, 2],
+                            class_names=["liver", "spleen"], nsd_tolerance_mm=1.0)
+    lines = summary_lines({"summary": ev.summarize({"a": case})})
+    assert lines[0].split() == ["class", "dice", "nsd"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows["liver"][0] == f"{6 / 7:.4f}" and rows["spleen"] == ["1.0000", "1.0000"]
+    assert rows["overall"][0] == f"{(6 / 7 + 1) / 2:.4f}"
+    assert summary_lines({"summary": {"accuracy": 0.5, "auc": float("nan")}}) == [
+        "accuracy 0.5000  AUC n/a"]

@@ -204,13 +204,20 @@ def two_series(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 def test_two_series_picks_largest_ct_and_reports(
     two_series: tuple[Path, str], dicom_volume: Volume
 ) -> None:
-    folder, _ = two_series
+    folder, uid = two_series
     vol = read_volume(folder)
     assert vol.shape == (512, 512, 20)
     # the original slices carry an empty SeriesInstanceUID (anonymised)
     assert vol.meta["series_uid"] == ""
     assert "20 slices" in vol.meta["series_note"] and "of 2 series" in vol.meta["series_note"]
     np.testing.assert_array_equal(vol.array, dicom_volume.array)
+    # the pick is explained: the other series is listed with how to choose it
+    note = vol.meta["series_note"]
+    assert f"others: '{uid}' (CT, 5 slices)" in note and "--series UID" in note
+    assert vol.meta["other_series"] == [uid]
+    # the slice files in array order (the z axis before RAS reordering), for DICOM SEG output
+    assert len(vol.meta["files"]) == 20 and all(Path(f).parent == folder
+                                                for f in vol.meta["files"])
 
 
 def test_series_uid_selects_the_other_series(

@@ -87,7 +87,8 @@ def _logits_of(out: Any) -> Tensor:
 def sliding_window_predict(model: nn.Module, image: Tensor, *, roi: Sequence[int],
                            overlap: float = 0.5, sw_batch_size: int = 2,
                            mode: str = "gaussian",
-                           device: torch.device | str | None = None) -> Tensor:
+                           device: torch.device | str | None = None,
+                           progress: bool = False) -> Tensor:
     """Predict a whole volume by sliding ``roi`` windows over it and blending the overlaps.
 
     Volumes smaller than ``roi`` are zero-padded and the output is cropped back. The model runs
@@ -102,6 +103,7 @@ def sliding_window_predict(model: nn.Module, image: Tensor, *, roi: Sequence[int
         mode: ``"gaussian"`` (windows weighted towards their centre) or ``"constant"``.
         device: where the windows run; defaults to the model's parameters' device. The blended
             result stays on ``image``'s device so a whole CT need not fit on the accelerator.
+        progress: a progress bar (tqdm, with ETA) over the window batches.
 
     Returns:
         (B, K, X, Y, Z) float logits on ``image.device``.
@@ -120,7 +122,7 @@ def sliding_window_predict(model: nn.Module, image: Tensor, *, roi: Sequence[int
             out = sliding_window_inference(
                 image, roi_size=tuple(int(r) for r in roi), sw_batch_size=sw_batch_size,
                 predictor=lambda x: _logits_of(model(x)), overlap=overlap, mode=mode,
-                sw_device=torch.device(device), device=image.device, progress=False)
+                sw_device=torch.device(device), device=image.device, progress=progress)
     finally:
         model.train(was_training)
     return _logits_of(out)

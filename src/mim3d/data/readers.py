@@ -288,6 +288,10 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[np.ndarray
     info = series[uid]
     meta = {"format": "dicom", "series_uid": uid, "series_note": note, "n_slices": len(files)}
     meta.update(modality=info["modality"], series_description=info["description"])
+    # The slice files in the order of the array's third axis (before RAS reordering), so a
+    # DICOM SEG written later can reference each source instance.
+    meta["files"] = [str(f) for f in files]
+    meta["other_series"] = [u for u in series if u != uid]
     return array, affine, meta
 
 
@@ -312,10 +316,13 @@ def _choose_series(
     folder: Path, series: dict[str, dict], series_uid: str | None
 ) -> tuple[str, str]:
     """Pick the requested series, else the CT series with the most slices; explain the pick."""
-    listing = ", ".join(
-        f"{uid!r} ({info['modality'] or '?'}, {len(info['files'])} slices)"
-        for uid, info in series.items()
-    )
+    def listed(skip: str | None = None) -> str:
+        return ", ".join(
+            f"{uid!r} ({info['modality'] or '?'}, {len(info['files'])} slices)"
+            for uid, info in series.items() if uid != skip
+        )
+
+    listing = listed()
     if series_uid is not None:
         if series_uid not in series:
             raise _fail(
@@ -337,6 +344,10 @@ def _choose_series(
     n = len(series[best]["files"])
     shown = best if best else "(empty SeriesInstanceUID)"
     note = f"chose CT series {shown} ({n} slices) of {len(series)} series in {folder}"
+    others = listed(skip=best)
+    if others:
+        # Several series and no choice: say which one was read and how to pick another.
+        note += f"; others: {others} (choose one with --series UID)"
     return best, note
 
 

@@ -1,270 +1,76 @@
-"""``mim3d evaluate`` and ``mim3d predict``: a fine-tuned run applied to images.
+"""``mim3d predict``: the label map of a new scan, written on the scan's own grid.
 
-Both rebuild the run's network from ``RUN/finetune.json`` and ``RUN/config.yaml``, load its
-``best`` (default) or ``last`` checkpoint, and preprocess every image exactly as validation did
-in training (:func:`mim3d.data.transforms.build_transforms` with ``train=False``: RAS, the
-preset's spacing, intensity, body crop, padding). Segmentation runs a sliding window with the
-preset's overlap and Gaussian blending, takes the arg-max, and maps the label map back through
-the inverse of that preprocessing (MONAI ``Invertd``, nearest neighbour) onto the image's
-original grid. So metrics are computed at the original voxel spacing against the original label
-file, and a written prediction has the input's own size, spacing, origin and direction (its axis
-order is restored from the RAS view the readers give, ``meta["orig_axcodes"]``).
+The model is a fine-tuning run folder or an ONNX file of ``mim3d export --format onnx``
+(:func:`mim3d.engine.inference.load_run`). The input is an image file or a DICOM series folder
+(the series is chosen by ``series_uid``, else the CT series with the most slices, and the choice
+is logged and recorded). The prediction is mapped back through the inverse preprocessing, so the
+written label map has the input's size, spacing, origin and direction, in the input's own axis
+order (:func:`_to_input_orientation` undoes the readers' RAS view, ``meta["orig_axcodes"]``).
+
+Outputs: the label map (NIfTI by default, ``.nrrd``/``.mha`` too, or a DICOM SEG for a DICOM
+input, :mod:`mim3d.deploy.dicomseg`), a side-car JSON with the class names, the model and the
+input, and optionally a report (:mod:`mim3d.deploy.report`) and an overlay picture. A label map is
+written to a temporary name and renamed, so an interrupted run leaves nothing half-written; an
+existing output is refused unless ``overwrite``. Many cases: :mod:`mim3d.engine.predict_batch`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import yaml
-from monai.data import MetaTensor
-from monai.transforms import Invertd
 from nibabel import orientations as ornt
-from torch import nn
-from tqdm import tqdm
 
-from mim3d.config import FinetuneConfig, config_from_dict
+from mim3d import __version__
 from mim3d.data import readers
 from mim3d.data.datalists import case_name
 from mim3d.data.readers import image_extension
-from mim3d.data.transforms import make_dataset, remap_labels
-from mim3d.data.volume import Volume
-from mim3d.engine.checkpoint import CheckpointError, find_latest, load_checkpoint
-from mim3d.engine.downstream_run import (
-    Item,
-    build_network,
-    datalist_items,
-    predict_logits,
-    read_cases,
-)
-from mim3d.engine.finetune import BEST_DIR, CONFIG_FILE, SPEC_FILE, SPEC_FORMAT, SPLITS_FILE
-from mim3d.engine.train import autocast_context
-from mim3d.evaluation import classification_metrics, evaluate_case, summarize, write_reports
+from mim3d.data.transforms import make_dataset
+from mim3d.data.volume import ImageReadError, Volume
+from mim3d.deploy.report import REPORT_FORMAT, StageTimer, label_volumes, preprocessing_of
+from mim3d.engine.evaluate import evaluate_run, evaluation_cases
+from mim3d.engine.inference import LoadedRun, ReadCapture, load_run, segment_case
 
-__all__ = ["LoadedRun", "evaluate_run", "evaluation_cases", "load_run", "predict_volume"]
+__all__ = ["OUTPUT_TYPES", "LoadedRun", "PredictOptions", "PredictResult", "evaluate_run",
+           "evaluation_cases", "load_run", "load_run_for_prediction", "predict_case",
+           "predict_volume", "prepare_prediction", "sidecar_path"]
 
-GRID_NOTE = ("segmentation metrics are computed on each case's original image grid and spacing "
-             "(the prediction is mapped back through the inverse of the preprocessing)")
+_LOG = logging.getLogger(__name__)
+OUTPUT_TYPES = ("nifti", "dicom-seg")
+#: A CT in HU has air near -1000 HU somewhere in the field of view; an image whose lowest
+#: value lies above this is unlikely to be a CT in HU (an MRI, or an already scaled image).
+_CT_AIR_CEILING_HU = -500.0
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How one prediction is run and written (see :func:`predict_volume`)."""
+
+    output_type: str = "nifti"
+    series_uid: str | None = None
+    report: Path | None = None
+    preview: Path | None = None
+    overwrite: bool = False
+    progress: bool = False
 
 
 @dataclass
-class LoadedRun:
-    """A fine-tuned network ready for inference, with what describes it."""
+class PredictResult:
+    """What one prediction wrote, and what it found."""
 
-    run_dir: Path
-    spec: dict[str, Any]
-    cfg: FinetuneConfig
-    model: nn.Module
-    checkpoint: Path
-    device: torch.device
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-safe facts about the model, for reports and side-car files."""
-        return {"run": str(self.run_dir.resolve()), "checkpoint": str(self.checkpoint.resolve()),
-                "network": self.spec["network"], "size": self.spec["size"],
-                "preset": self.cfg.name, "pretrained": self.spec.get("pretrained"),
-                "lora_rank": self.spec.get("lora_rank")}
-
-
-def _checkpoint_folder(run: Path, which: str | Path) -> Path:
-    if str(which) in ("best", "last"):
-        where = run / BEST_DIR if str(which) == "best" else run
-        found = find_latest(where) if where.is_dir() else None
-        if found is None:
-            raise CheckpointError(f"{run}: no {which} checkpoint; has the run trained a step? "
-                                  "(checkpoint='last' takes the newest training checkpoint)")
-        return found
-    folder = find_latest(which)
-    if folder is None:
-        raise CheckpointError(f"{which}: not a checkpoint folder; pass best, last or a ckpt_*")
-    return folder
-
-
-def load_run(run: str | Path, *, checkpoint: str | Path = "best") -> LoadedRun:
-    """Rebuild a fine-tuning run's network and load its weights.
-
-    Args:
-        run: the run folder of ``mim3d finetune``.
-        checkpoint: ``best`` (highest validation score), ``last``, or a checkpoint folder.
-
-    Raises:
-        ValueError: not a fine-tuning run; CheckpointError: no such or a damaged checkpoint.
-    """
-    run = Path(run)
-    spec_path = run / SPEC_FILE
-    if not spec_path.is_file() or not (run / CONFIG_FILE).is_file():
-        raise ValueError(f"{run}: not a fine-tuning run (no {SPEC_FILE} / {CONFIG_FILE}); pass "
-                         "the --out folder of `mim3d finetune`")
-    spec = json.loads(spec_path.read_text())
-    if spec.get("format") != SPEC_FORMAT:
-        raise ValueError(f"{spec_path}: not a {SPEC_FORMAT} file")
-    cfg = config_from_dict("downstream", yaml.safe_load((run / CONFIG_FILE).read_text()))
-    folder = _checkpoint_folder(run, checkpoint)
-    model = build_network(spec)
-    load_checkpoint(folder, model=model, restore_rng=False)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return LoadedRun(run, spec, cfg, model.to(device).eval(), folder, device)
-
-
-class _Capture:
-    """A reader that remembers the volumes it read (original geometry, orientation, labels)."""
-
-    def __init__(self) -> None:
-        self.volumes: dict[str, Volume] = {}
-
-    def __call__(self, path: str) -> Volume:
-        vol = readers.read_volume(path)
-        self.volumes[path] = vol
-        return vol
-
-
-def _segment(loaded: LoadedRun, ds: Any, index: int, capture: _Capture) -> np.ndarray:
-    """Label map of case ``index`` on its image's original (RAS, as read) grid."""
-    item = ds[index]
-    image = item["image"]
-    with autocast_context(loaded.device, loaded.cfg.optim.precision):
-        logits = predict_logits(loaded.model, image.as_tensor()[None], loaded.cfg.task,
-                                loaded.device)
-    pred = MetaTensor(logits.argmax(1).float(), affine=image.affine)
-    # Invertd replays the image's recorded operations backwards (unpad, uncrop, resample to the
-    # original affine) with nearest-neighbour interpolation, so label ids stay intact.
-    invert = Invertd(keys="pred", transform=ds.transform, orig_keys="image", nearest_interp=True)
-    back = invert({"image": image, "pred": pred})["pred"]
-    source = image.meta["filename_or_obj"]
-    vol = capture.volumes[source if isinstance(source, str) else source[0]]
-    if tuple(back.shape[1:]) != vol.shape[:3]:
-        raise RuntimeError(f"inverse preprocessing gave {tuple(back.shape[1:])}, not the "
-                           f"image grid {vol.shape[:3]}")
-    return np.rint(back[0].numpy()).astype(np.int32)
-
-
-# ------------------------------------------------------------------------------ evaluate
-
-
-def _labelled(entries: list[Any], task: str) -> bool:
-    def ok(e: Any) -> bool:
-        label = e.get("label") if isinstance(e, dict) else None
-        return isinstance(label, int) if task == "cls" else isinstance(label, (str, list))
-
-    return bool(entries) and all(ok(e) for e in entries)
-
-
-def evaluation_cases(loaded: LoadedRun, data: str | Path) -> tuple[list[Item], str]:
-    """The cases to score and where they came from.
-
-    A datalist gives its labelled ``validation`` list, else its labelled ``test`` list, else
-    (when it is the run's own datalist) the run's validation split from ``splits.json``. A
-    folder or nnU-Net dataset gives every case, each of which needs a label.
-
-    Raises:
-        ValueError: nothing labelled to evaluate.
-    """
-    path, task = Path(data), loaded.spec["task"]
-    if path.suffix.lower() == ".json" and path.is_file():
-        raw = json.loads(path.read_text())
-        for key in ("validation", "test"):
-            if isinstance(raw, dict) and _labelled(raw.get(key) or [], task):
-                return datalist_items(path, key, task), f"datalist {key} list"
-        splits_path = loaded.run_dir / SPLITS_FILE
-        held = json.loads(splits_path.read_text())["validation"] if splits_path.is_file() else []
-        if held and str(path.resolve()) == loaded.spec.get("data"):
-            train = read_cases(path, task)[0]
-            return [c for c in train if c["name"] in set(held)], "the run's validation split"
-        raise ValueError(f"{path}: no labelled 'validation' or 'test' list, and the run holds "
-                         "out no cases of it; add one or pass labelled cases")
-    cases = read_cases(path, task)[0]
-    unlabelled = [c["name"] for c in cases if c.get("label") is None]
-    if unlabelled:
-        raise ValueError(f"{path}: {len(unlabelled)} case(s) have no label (e.g. "
-                         f"{unlabelled[0]}); evaluation needs reference labels")
-    return cases, "every case of the input"
-
-
-def evaluate_run(run: str | Path, *, data: str | Path, out_json: str | Path,
-                 checkpoint: str | Path = "best", progress: bool = True) -> tuple[Path, Path]:
-    """Score a fine-tuned run and write ``METRICS.json`` plus a per-case CSV beside it.
-
-    Segmentation: Dice, NSD (the preset's tolerance) and HD95 per class and case on the
-    original grid, with mean ± std (``mim3d.evaluation``: absent-class rule and statistics are
-    written into the report). Classification: accuracy and AUC.
-
-    Args:
-        run: the run folder of ``mim3d finetune``.
-        data: a datalist JSON (see :func:`evaluation_cases`), an nnU-Net folder or a folder.
-        out_json: where the JSON report goes; the CSV gets the same name with ``.csv``.
-        checkpoint: ``best``, ``last`` or a checkpoint folder.
-        progress: show a progress bar over cases.
-
-    Returns:
-        ``(json_path, csv_path)``.
-    """
-    loaded = load_run(run, checkpoint=checkpoint)
-    cases, source = evaluation_cases(loaded, data)
-    cfg, capture = loaded.cfg, _Capture()
-    ds = make_dataset(cases, cfg.data, cfg.task, train=False, cache=False, reader=capture)
-    extra = {**loaded.describe(), "data": str(Path(data).resolve()), "cases_from": source,
-             "task": cfg.task.task, "classes": loaded.spec["classes"]}
-    bar = tqdm(range(len(ds)), desc="evaluate", unit="case", disable=not progress)
-    if cfg.task.task == "cls":
-        return _evaluate_cls(loaded, ds, cases, bar, Path(out_json), extra)
-    ids = [int(i) for i in loaded.spec["classes"]]
-    names = [loaded.spec["classes"][str(i)] for i in ids]
-    per_case = {}
-    for i in bar:
-        pred = _segment(loaded, ds, i, capture)
-        label = capture.volumes[cases[i]["label"]]
-        gt = remap_labels(np.asarray(label.array), ids, aliases=cfg.task.label_aliases)
-        per_case[cases[i]["name"]] = evaluate_case(
-            pred, gt, spacing=label.spacing, class_ids=ids, class_names=names,
-            nsd_tolerance_mm=cfg.task.nsd_tolerance_mm)
-        capture.volumes.clear()  # one case in memory at a time
-    extra["grid"] = GRID_NOTE
-    return write_reports(per_case, summarize(per_case), out_json, extra=extra,
-                         nsd_tolerance_mm=cfg.task.nsd_tolerance_mm)
-
-
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
-
-
-def _evaluate_cls(loaded: LoadedRun, ds: Any, cases: list[Item], bar: Any, out_json: Path,
-                  extra: dict[str, Any]) -> tuple[Path, Path]:
-    """Accuracy and AUC over the cases; one CSV row per case with its class probabilities."""
-    probs, labels = [], []
-    for i in bar:
-        image = ds[i]["image"].as_tensor()[None]
-        with autocast_context(loaded.device, loaded.cfg.optim.precision):
-            logits = predict_logits(loaded.model, image, loaded.cfg.task, loaded.device)
-        probs.append(torch.softmax(logits, dim=1)[0].numpy().astype(np.float64))
-        labels.append(int(cases[i]["label"]))
-    summary = classification_metrics(np.stack(probs), np.asarray(labels))
-    names = [loaded.spec["classes"][str(k)] for k in range(len(probs[0]))]
-    per_case = {c["name"]: {"label": y, "pred": int(p.argmax()), "probs": p.tolist()}
-                for c, y, p in zip(cases, labels, probs)}
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    report = {"summary": summary, "per_case": per_case, **extra}
-    out_json.write_text(json.dumps(_nan_to_none(report), indent=2, allow_nan=False) + "\n")
-    out_csv = out_json.with_suffix(".csv")
-    with out_csv.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["case", "label", "pred", *(f"p_{n}" for n in names)])
-        for name, row in per_case.items():
-            writer.writerow([name, row["label"], row["pred"], *map(repr, row["probs"])])
-    return out_json, out_csv
-
-
-# ------------------------------------------------------------------------------ predict
+    labels: Path
+    sidecar: Path
+    report: Path | None = None
+    preview: Path | None = None
+    series_note: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    report_doc: dict[str, Any] = field(default_factory=dict)
 
 
 def _to_input_orientation(array: np.ndarray, ras_affine: np.ndarray,
@@ -276,54 +82,184 @@ def _to_input_orientation(array: np.ndarray, ras_affine: np.ndarray,
     return np.ascontiguousarray(out), affine
 
 
-def _sidecar(out: Path) -> Path:
+def sidecar_path(out: Path) -> Path:
+    """``labels.nii.gz`` -> ``labels.json`` (the class names, model and input)."""
     ext = image_extension(out) or out.suffix
     return out.with_name(out.name[: len(out.name) - len(ext)] + ".json")
 
 
-def predict_volume(model_run: str | Path, input_path: str | Path | Sequence[str | Path],
-                   out_path: str | Path, *, checkpoint: str | Path = "best") -> tuple[Path, Path]:
+def check_output(out: Path, options: PredictOptions) -> None:
+    """Refuse a wrong extension for the output type, or an existing output without overwrite."""
+    if options.output_type not in OUTPUT_TYPES:
+        raise ValueError(f"--output-type {options.output_type}: choose one of "
+                         f"{', '.join(OUTPUT_TYPES)}")
+    if options.output_type == "dicom-seg" and out.suffix.lower() != ".dcm":
+        raise ValueError(f"{out}: a DICOM SEG output needs the .dcm extension")
+    if options.output_type == "nifti" and image_extension(out) is None:
+        raise ValueError(f"{out}: unknown label-map extension; use .nii.gz, .nii, .nrrd or .mha")
+    if out.exists() and not options.overwrite:
+        raise ValueError(f"{out}: exists; pass --overwrite to replace it (or another -o)")
+
+
+class _CheckedCapture(ReadCapture):
+    """The reader of :func:`predict_case`: refuses unusable images, warns on odd intensities."""
+
+    def __init__(self, loaded: LoadedRun, series_uid: str | None) -> None:
+        super().__init__(series_uid)
+        self.loaded, self.warnings = loaded, []
+
+    def __call__(self, path: str) -> Volume:
+        vol = super().__call__(path)
+        arr = np.asarray(vol.array)
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            raise ImageReadError(f"{path}: {int(np.isnan(arr).sum())} NaN and "
+                                 f"{int(np.isinf(arr).sum())} inf voxels of {arr.size}; "
+                                 "predict needs finite intensities (fix or re-export the image)")
+        why = readers.validate_volume(vol) if self.loaded.cfg.task.in_channels == 1 else None
+        if why is not None:
+            raise ImageReadError(f"{path}: {why}; the model segments 3D volumes")
+        data = self.loaded.cfg.data
+        low, high = float(arr.min()), float(arr.max())
+        if data.normalization == "window" and low > _CT_AIR_CEILING_HU:
+            message = (f"{path}: intensities span [{low:g}, {high:g}], with no air near "
+                       f"-1000 HU; the model expects CT in HU (window {list(data.hu_window)}). "
+                       "Is this an MRI or a rescaled image? The prediction may be meaningless")
+            _LOG.warning(message)
+            self.warnings.append(message)
+        return vol
+
+
+def _input_info(vol: Volume, first: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    keep = ("format", "series_uid", "series_note", "modality", "other_series")
+    return {"path": str(Path(first).resolve()), "shape": list(shape),
+            "spacing": list(vol.spacing), "orientation": vol.meta["orig_axcodes"],
+            **{k: v for k, v in vol.meta.items() if k in keep}}
+
+
+def _write_labels(array: np.ndarray, affine: np.ndarray, vol: Volume, out: Path,
+                  loaded: LoadedRun, options: PredictOptions) -> None:
+    """The label map (file axis order) to a temporary name, then renamed onto ``out``."""
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}{image_extension(out) or '.dcm'}")
+    try:
+        if options.output_type == "dicom-seg":
+            from mim3d.deploy.dicomseg import write_dicom_seg
+
+            write_dicom_seg(array, vol.meta["files"], loaded.spec["classes"], tmp,
+                            description=f"mim3d {loaded.spec['network']} ({loaded.cfg.name})")
+        else:
+            dtype = np.uint8 if array.max(initial=0) < 256 else np.uint16
+            readers.write_volume(Volume(array.astype(dtype), affine, source=vol.source), tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _report(loaded: LoadedRun, info: dict[str, Any], timer: StageTimer, pred: np.ndarray,
+            vol: Volume, out: Path, options: PredictOptions, warnings: list[str]) -> dict:
+    return {"format": REPORT_FORMAT, "mim3d_version": __version__, "input": info["input"],
+            "model": {**info["model"], "preset": loaded.cfg.name},
+            "preprocessing": preprocessing_of(loaded.cfg), "device": str(loaded.device),
+            "timings_s": dict(timer.seconds),
+            "output": {"path": str(out.resolve()), "type": options.output_type},
+            "labels": label_volumes(pred, vol.affine, loaded.spec["classes"]),
+            "warnings": warnings}
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def predict_case(loaded: LoadedRun, image: str | list[str], out: Path,
+                 options: PredictOptions) -> PredictResult:
+    """Segment one case with an already loaded network (see :func:`predict_volume`)."""
+    check_output(out, options)
+    first = image if isinstance(image, str) else image[0]
+    if options.output_type == "dicom-seg" and not readers.is_dicom_folder(first):
+        raise ValueError(f"{first}: --output-type dicom-seg needs a DICOM series folder as "
+                         "input (a SEG references its source images)")
+    timer, cfg = StageTimer(), loaded.cfg
+    capture = _CheckedCapture(loaded, options.series_uid)
+    ds = make_dataset([{"image": image, "name": case_name(first)}], cfg.data, cfg.task,
+                      train=False, cache=False, reader=capture)
+    pred, vol = segment_case(loaded, ds, 0, capture, progress=options.progress, timer=timer)
+    if vol.meta.get("series_note"):
+        _LOG.info(vol.meta["series_note"])
+    array, affine = _to_input_orientation(pred, vol.affine, vol.meta["orig_axcodes"])
+    info = {"labels": {"0": "background", **loaded.spec["classes"]}, "model": loaded.describe(),
+            "input": _input_info(vol, first, array.shape)}
+    result = PredictResult(out, sidecar_path(out), series_note=vol.meta.get("series_note"),
+                           warnings=capture.warnings, info=info)
+    with timer.stage("write"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_labels(array, affine, vol, out, loaded, options)
+        _write_json(result.sidecar, info)
+        if options.preview is not None:
+            from mim3d import viz
+
+            names = {int(k): v for k, v in loaded.spec["classes"].items()}
+            image_hu = vol.array if vol.array.ndim == 3 else vol.array[..., 0]
+            result.preview = viz.save_label_overlay(
+                image_hu, pred, vol.affine, options.preview,
+                hu_window=tuple(cfg.data.hu_window), class_names=names)
+    result.report_doc = _report(loaded, info, timer, pred, vol, out, options, capture.warnings)
+    if options.report is not None:
+        _write_json(options.report, result.report_doc)
+        result.report = options.report
+    return result
+
+
+def predict_volume(model: str | Path, input_path: str | Path | list[str | Path],
+                   out_path: str | Path, *, checkpoint: str | Path = "best",
+                   device: str | None = None, options: PredictOptions | None = None
+                   ) -> tuple[Path, Path]:
     """Segment one CT (file or DICOM series folder) and write the label map on its own grid.
 
     Args:
-        model_run: the run folder of ``mim3d finetune`` (a segmentation run).
+        model: the run folder of ``mim3d finetune`` (a segmentation run), or its ONNX export.
         input_path: an image file or DICOM folder (a list of co-registered files for a
             multi-channel task).
-        out_path: the label map (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``); a JSON with the
-            class names, the model and the input goes beside it (same name, ``.json``).
+        out_path: the label map (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``; ``.dcm`` for a
+            DICOM SEG); a JSON with the class names, the model and the input goes beside it
+            (same name, ``.json``).
         checkpoint: ``best``, ``last`` or a checkpoint folder.
+        device: ``auto`` (default), ``cpu`` or ``cuda``.
+        options: output type, series, report, preview, overwrite (:class:`PredictOptions`).
 
     Returns:
-        ``(label_path, json_path)``. The label map has the input's size, spacing, origin and
-        direction, and uint8 ids (uint16 when an id exceeds 255).
+        ``(label_path, json_path)``. A NIfTI/NRRD/MHA label map has the input's size, spacing,
+        origin and direction, and uint8 ids (uint16 when an id exceeds 255).
 
     Raises:
-        ValueError (incl. ImageReadError): unreadable input, a DICOM folder without a CT
-            series, an unknown output extension, or a classification run.
+        ValueError (incl. ImageReadError): unreadable or non-finite input, a DICOM folder
+            without a CT series or with an unknown ``series_uid``, an unknown output extension,
+            an existing output, or a classification run. Nothing is written then.
     """
+    result = predict_case(*prepare_prediction(model, input_path, out_path, checkpoint=checkpoint,
+                                              device=device, options=options))
+    return result.labels, result.sidecar
+
+
+def prepare_prediction(model: str | Path, input_path: str | Path | list[str | Path],
+                       out_path: str | Path, *, checkpoint: str | Path = "best",
+                       device: str | None = None, options: PredictOptions | None = None
+                       ) -> tuple[LoadedRun, str | list[str], Path, PredictOptions]:
+    """The arguments of :func:`predict_case`: output checked first, then the model loaded, and
+    the input path(s) normalised once (``dicom_dir/`` and ``dicom_dir`` are the same case)."""
+    options = options or PredictOptions()
     out = Path(out_path)
-    if image_extension(out) is None:
-        raise ValueError(f"{out}: unknown label-map extension; use .nii.gz, .nii, .nrrd or .mha")
-    loaded = load_run(model_run, checkpoint=checkpoint)
-    if loaded.spec["task"] != "seg":
-        raise ValueError(f"{model_run} is a classification run; predict writes label maps "
-                         "(use evaluate for classification scores)")
+    check_output(out, options)  # before the (slow) model load
+    loaded = load_run_for_prediction(model, checkpoint=checkpoint, device=device)
     single = isinstance(input_path, (str, Path))
-    image = str(input_path) if single else [str(p) for p in input_path]
-    first = image if single else image[0]
-    capture, cfg = _Capture(), loaded.cfg
-    ds = make_dataset([{"image": image, "name": case_name(first)}], cfg.data, cfg.task,
-                      train=False, cache=False, reader=capture)
-    pred = _segment(loaded, ds, 0, capture)
-    vol = capture.volumes[first]
-    array, affine = _to_input_orientation(pred, vol.affine, vol.meta["orig_axcodes"])
-    dtype = np.uint8 if array.max(initial=0) < 256 else np.uint16
-    readers.write_volume(Volume(array.astype(dtype), affine, source=first), out)
-    info = {"labels": {"0": "background", **loaded.spec["classes"]}, "model": loaded.describe(),
-            "input": {"path": str(Path(first).resolve()), "shape": list(array.shape),
-                      "spacing": list(vol.spacing), "orientation": vol.meta["orig_axcodes"],
-                      **{k: v for k, v in vol.meta.items()
-                         if k in ("format", "series_uid", "series_note", "modality")}}}
-    side = _sidecar(out)
-    side.write_text(json.dumps(info, indent=2) + "\n")
-    return out, side
+    image = str(Path(input_path)) if single else [str(Path(p)) for p in input_path]
+    return loaded, image, out, options
+
+
+def load_run_for_prediction(model: str | Path, *, checkpoint: str | Path = "best",
+                            device: str | None = None) -> LoadedRun:
+    """:func:`load_run`, refusing a classification run (predict writes label maps)."""
+    loaded = load_run(model, checkpoint=checkpoint, device=device)
+    if loaded.spec["task"] != "seg":
+        raise ValueError(f"{model} is a classification run; predict writes label maps "
+                         "(use evaluate for classification scores)")
+    return loaded
