@@ -13,18 +13,22 @@ from conftest import write_nifti
 
 from mim3d.cli import main
 from mim3d.data.store import PreparedStore
+from mim3d.factory import _log_effective_ratios
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one error line; INFO messages (stderr by design, e.g. the effective mask ratios) may
+    come before it, nothing after it."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
+    errors = [line for line in err if ": error:" in line]
+    assert len(errors) == 1 and err[-1] == errors[0], err
+    return errors[0]
 
 
 def test_python_dash_m_and_help() -> None:
     out = subprocess.run([sys.executable, "-m", "mim3d", "--help"], capture_output=True,
                          text=True, check=True).stdout
-    for command in ("prepare", "pretrain", "demo", "masks", "visualize", "phantoms"):
+    for command in ("prepare", "pretrain", "demo", "masks", "visualize", "phantoms", "presets"):
         assert command in out
 
 
@@ -68,12 +72,13 @@ def test_bad_input_is_one_clear_line(argv, words, tmp_path: Path, capsys) -> Non
     assert line.startswith(f"mim3d {argv[0]}: error:") and words in line, line
 
 
-def test_masks_writes_the_documented_json(tmp_path: Path) -> None:
+def test_masks_writes_the_documented_json(tmp_path: Path, capsys) -> None:
     from mim3d.data.phantom import make_phantom
     from mim3d.data.readers import write_volume
 
     image, _ = make_phantom(shape=(64, 64, 48), seed=1)
     write_volume(image, tmp_path / "ct.nii.gz")
+    _log_effective_ratios.cache_clear()  # logged once per geometry and process
     assert main(["masks", "--input", str(tmp_path / "ct.nii.gz"), "--out", str(tmp_path / "m"),
                  "--preset", "tiny", "--seed", "3"]) == 0
     doc = json.loads((tmp_path / "m" / "levels.json").read_text())
@@ -86,6 +91,11 @@ def test_masks_writes_the_documented_json(tmp_path: Path) -> None:
     first = levels[0]["volumes"][0]
     assert first["parent"] is None and first["box"] == [[0, 64], [0, 64], [0, 64]]
     assert len(first["masked_tokens"]) == round(0.6 * 8) * 8  # 5 of 8 octants, 8 tokens each
+    # Whole units: 0.6 asked, 5/8 masked at level 1 and 38/64 tokens at levels 2 and 3.
+    assert [(lv["mask_ratio"], lv["n_masked"], lv["n_units"], lv["effective_mask_ratio"])
+            for lv in levels] == [(0.6, 5, 8, 0.625), (0.6, 38, 64, 0.59375),
+                                  (0.6, 38, 64, 0.59375)]
+    assert "level 1 5/8 = 62.5% (asked 60.0%); level 2 38/64 = 59.4%" in capsys.readouterr().err
     ids = {v["id"] for v in levels[1]["volumes"]}
     for child in levels[2]["volumes"]:
         assert child["parent"] in ids

@@ -184,3 +184,155 @@ def test_real_tiny_model_output(tmp_path):
                                   sample=1)
     assert pic.dtype == np.uint8 and pic.shape[2] == 3 and pic.std() > 10
 
+
+
+# ------------------------------------------------- radiological display (all mim3d pictures) ----
+
+def _blob_volume(shape=(20, 24, 28), at=(3, 19, 23), value=1.0) -> np.ndarray:
+    """Zeros with a 3-voxel cube at ``at`` (RAS voxel): by default the patient's left (low x),
+    anterior (high y) and superior (high z) corner."""
+    vol = np.zeros(shape, np.float32)
+    x, y, z = at
+    vol[x - 1 : x + 2, y - 1 : y + 2, z - 1 : z + 2] = value
+    return vol
+
+
+def _panel_centroid(ax, rgb: np.ndarray, select) -> tuple[float, float]:
+    """Centroid of the pixels ``select(rgb)`` inside ``ax``, as fractions (0 = left/top)."""
+    box = ax.get_window_extent()
+    h = rgb.shape[0]
+    r0, r1 = round(h - box.y1), round(h - box.y0)
+    c0, c1 = round(box.x0), round(box.x1)
+    rows, cols = np.nonzero(select(rgb[r0:r1, c0:c1].astype(int)))
+    assert len(rows) > 0, "the blob is not visible in the panel"
+    return cols.mean() / (c1 - c0), rows.mean() / (r1 - r0)
+
+
+def test_display_plane_is_radiological():
+    from mim3d.viz import VIEWS, display_plane
+
+    vol = _blob_volume()
+    axial, coronal, sagittal = VIEWS
+    # Axial (z = 23): rows = y (anterior up), columns = x with the patient's right on the left.
+    a = display_plane(vol, axial, 23)
+    assert a.shape == (24, 20) and a[24 - 1 - 19, 20 - 1 - 3] == 1
+    # Coronal (y = 19): rows = z (superior up), columns = x (right on the left).
+    c = display_plane(vol, coronal, 19)
+    assert c.shape == (28, 20) and c[28 - 1 - 23, 20 - 1 - 3] == 1
+    # Sagittal (x = 3): rows = z (superior up), columns = y (anterior on the left).
+    s = display_plane(vol, sagittal, 3)
+    assert s.shape == (28, 24) and s[28 - 1 - 23, 24 - 1 - 19] == 1
+    assert [v.markers for v in VIEWS] == [("R", "L", "A", "P"), ("R", "L", "S", "I"),
+                                         ("A", "P", "S", "I")]
+    rgba = display_plane(np.repeat(vol[..., None], 4, axis=-1), axial, 23)
+    assert rgba.shape == (24, 20, 4) and rgba[4, 16, 2] == 1
+
+
+def test_label_overlay_left_blob_lands_on_image_right(tmp_path):
+    from matplotlib.image import imread
+
+    from mim3d.viz import label_colour, label_overlay_figure, save_label_overlay
+    from mim3d.viz.overlay import LABEL_ALPHA
+    from mim3d.viz.planes import figure_rgb
+
+    shape = (40, 36, 30)
+    ct = np.full(shape, -1000.0, np.float32)
+    ct[4:36, 4:32, 2:28] = 40.0  # soft-tissue body
+    labels = _blob_volume(shape, at=(8, 26, 15), value=3).astype(np.uint8)  # patient's left
+    labels[28:33, 6:11, 12:17] = 1  # patient's right, posterior: the largest label
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    names = {"1": "liver", "3": "spleen"}
+    fig = label_overlay_figure(ct, labels, affine, hu_window=(-175, 250), class_names=names)
+    rgb = figure_rgb(fig)
+    axial, coronal, sagittal = fig.axes[:3]
+    grey = (40.0 + 175.0) / 425.0  # soft tissue in the window, 0..1
+    def tinted(label):  # the label's colour blended over soft tissue
+        want = 255 * (LABEL_ALPHA * np.asarray(label_colour(label)) + (1 - LABEL_ALPHA) * grey)
+        return lambda px: np.abs(px - want).max(-1) <= 6
+
+    x_frac, y_frac = _panel_centroid(axial, rgb, tinted(3))
+    assert x_frac > 0.6 and y_frac < 0.5  # the patient's left on the image's right; anterior up
+    x_frac, y_frac = _panel_centroid(axial, rgb, tinted(1))
+    assert x_frac < 0.4 and y_frac > 0.5  # the patient's right on the left; posterior down
+    assert _panel_centroid(coronal, rgb, tinted(1))[0] < 0.4  # right on the left
+    assert _panel_centroid(sagittal, rgb, tinted(1))[0] > 0.6  # posterior on the right
+    for ax, markers in zip((axial, coronal, sagittal), ("RLAP", "RLSI", "APSI")):
+        assert "".join(t.get_text() for t in ax.texts) == markers
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["1 liver", "3 spleen"]
+    assert "HU window [-175, 250] (W 425, L 37.5)" in fig._suptitle.get_text()
+    out = save_label_overlay(ct, labels, affine, tmp_path / "sub" / "ov.png",
+                             hu_window=(-175, 250), class_names=["bg", "liver", "x", "spleen"])
+    assert out == tmp_path / "sub" / "ov.png" and imread(out).shape[2] in (3, 4)
+    assert [p.name for p in out.parent.iterdir()] == ["ov.png"]  # no temp file left behind
+    with pytest.raises(ValueError, match="label map has shape"):
+        save_label_overlay(ct, labels[:-1], affine, tmp_path / "bad.png", hu_window=(0, 1),
+                           class_names=names)
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_box_to_display_hand_checked():
+    from mim3d.viz import VIEWS
+    from mim3d.viz.planes import box_to_display
+
+    box = np.array([[2, 6], [10, 13], [0, 4]])  # x in [2, 6), y in [10, 13), z in [0, 4)
+    # Axial of a (20, 24, 28) volume: left edge = column 20 - 6 = 14, top = row 24 - 13 = 11.
+    assert box_to_display(box, VIEWS[0], (20, 24, 28)) == (13.5, 10.5, 4.0, 3.0)
+    # Sagittal: columns run along y from anterior (y = 23) to posterior, rows along z.
+    assert box_to_display(box, VIEWS[2], (20, 24, 28)) == (10.5, 23.5, 3.0, 4.0)
+
+
+def test_levels_picture_is_radiological_and_states_effective_ratios():
+    from mim3d.masking import build_geometry, sample_levels
+    from mim3d.viz import levels_figure
+    from mim3d.viz.planes import figure_rgb
+
+    geo = build_geometry(crop_sizes=[[32, 32, 32], [16, 16, 16]], input_size=[16, 16, 16],
+                         patch_size=4, mask_ratios=[0.6, 0.6], gammas=[2])
+    levels = sample_levels(1, geo, torch.Generator().manual_seed(0))
+    levels[0].mask[:] = False  # nothing tinted: the blob keeps its pure grey
+    box = levels[1].boxes[0].numpy()
+    centre = (box[:, 0] + box[:, 1]) // 2
+    crop = np.zeros((32, 32, 32), np.float32)
+    crop[2:6, centre[1] - 2 : centre[1] + 2, centre[2] - 2 : centre[2] + 2] = 1.0  # far left
+    fig = levels_figure(crop, levels, geo, hu_window=(-1000, 1000))
+    rgb = figure_rgb(fig)
+    white = lambda px: px.min(-1) > 240
+    assert _panel_centroid(fig.axes[0], rgb, white)[0] > 0.75  # the patient's left on the right
+    assert _panel_centroid(fig.axes[1], rgb, white)[0] > 0.75
+    title = fig._suptitle.get_text()
+    assert "L1 5/8 = 62.5%" in title and "HU window [-1000, 1000]" in title
+    assert "".join(t.get_text() for t in fig.axes[0].texts) == "RLAP"
+
+
+def test_volume_path_chooses_the_child_followed():
+    from mim3d.viz import parse_volume_id
+
+    out = _fake_output("random", norm_pix=True)
+    # Sample 1: its level-2 children are volumes [1, 2]; child 1 is volume 2, whose level-3
+    # children are volumes [1, 6].
+    for path, lineage in (((1,), (1, 2, 1)), ((1, 1), (1, 2, 6)), ((0, 1), (1, 1, 4))):
+        vols = reconstruction_volumes(out, patch_size=P, norm_pix=True, sample=1, volume=path)
+        for lv, idx, (inp, _, _) in zip(out.levels, lineage, vols):
+            np.testing.assert_array_equal(inp, lv.inputs[idx, 0].numpy())
+    with pytest.raises(ValueError, match="children 0..1"):
+        reconstruction_volumes(out, patch_size=P, norm_pix=True, sample=1, volume=(2,))
+    with pytest.raises(ValueError, match="3 steps"):
+        reconstruction_volumes(out, patch_size=P, norm_pix=True, sample=1, volume=(0, 0, 0))
+    assert parse_volume_id("L3.2.1") == parse_volume_id("2.1") == (2, 1)
+    assert parse_volume_id("") == parse_volume_id("L1") == ()
+    for bad in ("L2.2.1", "x", "L3.a.1"):
+        with pytest.raises(ValueError, match="levels.json"):
+            parse_volume_id(bad)
+
+
+def test_masked_tokens_are_tinted_not_air():
+    out = _fake_output("zeros", norm_pix=False)
+    for lv in out.levels:
+        lv.inputs.zero_()  # all air: an untinted masked token would be black like the air
+        lv.target.zero_()
+    red = lambda pic: ((pic[..., 0].astype(int) - pic[..., 1]) > 60).sum()
+    tinted = red(reconstruction_picture(out, patch_size=P, norm_pix=False))
+    for lv in out.levels:
+        lv.mask.zero_()
+    assert tinted > 2000 and red(reconstruction_picture(out, patch_size=P, norm_pix=False)) == 0

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mim3d.config import PretrainConfig, config_from_dict
 from mim3d.data.preview import load_level1_crop
-from mim3d.engine.checkpoint import CheckpointError, find_latest, load_checkpoint
+from mim3d.engine.checkpoint import CheckpointError, load_checkpoint
 from mim3d.factory import build_mim, geometry_from_config
 from mim3d.masking import levels_to_json, sample_levels
 from mim3d.models.mim import MiM
-from mim3d.viz import save_levels_png, save_reconstruction_png
+from mim3d.runfolder import find_latest
+from mim3d.viz import hu_window_of, parse_volume_id, save_levels_png, save_reconstruction_png
 
 
 def mask_preview(ct: str | Path, out_dir: str | Path, cfg: PretrainConfig,
@@ -30,14 +33,15 @@ def mask_preview(ct: str | Path, out_dir: str | Path, cfg: PretrainConfig,
         The JSON and PNG paths.
     """
     geometry = geometry_from_config(cfg.geometry)
-    crop = load_level1_crop(ct, cfg.data, geometry[0].crop_size)
+    crop, spacing = load_level1_crop(ct, cfg.data, geometry[0].crop_size)
     levels = sample_levels(1, geometry, torch.Generator().manual_seed(seed),
                            source=cfg.geometry.source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "levels.json", out / "levels.png"
     json_path.write_text(json.dumps(levels_to_json(levels, geometry), indent=1))
-    save_levels_png(crop, levels, geometry, png_path)
+    save_levels_png(crop, levels, geometry, png_path, hu_window=hu_window_of(cfg.data),
+                    spacing=spacing)
     return json_path, png_path
 
 
@@ -64,22 +68,35 @@ def load_pretrained(run_or_ckpt: str | Path) -> tuple[MiM, PretrainConfig, Path]
     return model.eval(), cfg, folder
 
 
-def visualize_checkpoint(run_or_ckpt: str | Path, ct: str | Path, out_png: str | Path,
-                         seed: int = 0) -> Path:
-    """Input / masked input / reconstruction per level for any checkpoint and any CT (Fig. 10).
+def visualize_checkpoint(run_or_ckpt: str | Path, cts: str | Path | Sequence[str | Path],
+                         out_png: str | Path, seed: int = 0, *, sample: int = 0,
+                         volume: str = "") -> Path:
+    """Input / masked input / reconstruction per level for any checkpoint and CTs (Fig. 10).
+
+    The CTs form one batch (each body-centred level-1 crop is one sample, masks drawn from
+    ``seed``); the picture follows batch ``sample`` and, below level 1, the child volume named
+    by ``volume`` (an id of ``levels.json`` such as ``L3.2.1``; default the first children).
 
     Returns:
         The checkpoint folder that was used.
+
+    Raises:
+        ValueError: ``sample`` or ``volume`` names no volume of this geometry.
     """
+    paths = [cts] if isinstance(cts, (str, Path)) else list(cts)
+    if not 0 <= sample < len(paths):
+        raise ValueError(f"--sample {sample} is out of range: {len(paths)} CT(s) given "
+                         f"(choose 0..{len(paths) - 1})")
+    path = parse_volume_id(volume)
     model, cfg, folder = load_pretrained(run_or_ckpt)
     geometry = model.geometry
-    crop = load_level1_crop(ct, cfg.data, geometry[0].crop_size)
-    x = torch.from_numpy(crop)[None, None]
-    levels = sample_levels(1, geometry, torch.Generator().manual_seed(seed),
+    crops = [load_level1_crop(ct, cfg.data, geometry[0].crop_size)[0] for ct in paths]
+    x = torch.from_numpy(np.stack(crops))[:, None]
+    levels = sample_levels(len(paths), geometry, torch.Generator().manual_seed(seed),
                            source=cfg.geometry.source)
     with torch.no_grad():
         output = model(x, levels)
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     save_reconstruction_png(output, out_png, patch_size=cfg.geometry.patch_size,
-                            norm_pix=cfg.loss.norm_pix)
+                            norm_pix=cfg.loss.norm_pix, sample=sample, volume=path,
+                            hu_window=hu_window_of(cfg.data))
     return folder
