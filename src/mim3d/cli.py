@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from mim3d import __version__
 
 Handler = Callable[[argparse.Namespace], int]
 
 #: Command groups living in :mod:`mim3d.commands` (each module has ``register(sub)``).
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES: tuple[str, ...] = ("presets", "store", "nnunet")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
@@ -40,13 +42,24 @@ def _preset_kind(name: str) -> str:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mim3d.config import load_config
-    from mim3d.data.prepare import prepare
+    from mim3d.data.prepare import parse_shard, prepare
 
     cfg = load_config(_preset_kind(args.preset), args.preset, config_file=args.config,
                       overrides=args.overrides)
-    report = prepare(args.inputs, args.out, data=cfg.data, workers=args.workers)
+    geometry = getattr(cfg, "geometry", None)  # pretrain presets: padded crops get counted
+    min_size = None if args.min_size is None else (
+        args.min_size * 3 if len(args.min_size) == 1 else args.min_size)
+    if min_size is not None and len(min_size) != 3:
+        raise ValueError(f"--min-size takes 1 or 3 sizes, got {len(args.min_size)}")
+    report = prepare(args.inputs, args.out, data=cfg.data, workers=args.workers,
+                     fmt=args.format, shard=parse_shard(args.shard) if args.shard else None,
+                     min_size=min_size,
+                     crop_size=geometry.crop_sizes[0] if geometry is not None else None)
     print(f"prepared {report.prepared}, skipped (already in store) {report.skipped}, "
           f"quarantined {report.quarantined} -> {report.store}")
+    for line in report.messages[:-1]:
+        if not line.startswith("quarantined "):  # busy cases and padding notes
+            print(line)
     if report.quarantined:
         print(f"reasons: {Path(report.store) / 'quarantine.jsonl'}")
     if report.in_store == 0:
@@ -67,6 +80,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from mim3d.config import load_config
+    from mim3d.engine.loop import stop_exit_code
     from mim3d.engine.pretrain import pretrain
 
     cfg = load_config("pretrain", args.preset, config_file=args.config, overrides=args.overrides)
@@ -74,14 +88,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                       resume=args.resume)
     if result.checkpoint is not None:
         print(f"step {result.step}: checkpoint {result.checkpoint}; metrics {result.metrics}")
-    return 0
+    return stop_exit_code(result.stop_signal)  # 143 / 130 when SIGTERM / SIGINT stopped it
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from mim3d.engine.demo import run_demo
+    from mim3d.engine.loop import stop_exit_code
 
-    run_demo(Path(args.out), steps=args.steps, cases=args.cases, seed=args.seed)
-    return 0
+    record = run_demo(Path(args.out), steps=args.steps, cases=args.cases, seed=args.seed,
+                      echo=print)
+    return stop_exit_code(record.stop_signal)
 
 
 def cmd_masks(args: argparse.Namespace) -> int:
@@ -97,55 +113,113 @@ def cmd_masks(args: argparse.Namespace) -> int:
 def cmd_visualize(args: argparse.Namespace) -> int:
     from mim3d.engine.inspect import visualize_checkpoint
 
-    folder = visualize_checkpoint(args.run, args.input, args.out, seed=args.seed)
+    folder = visualize_checkpoint(args.run, args.input, args.out, seed=args.seed,
+                                  sample=args.sample, volume=args.volume)
     print(f"wrote {args.out} (checkpoint {folder})")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mim3d.transfer import export_encoder, import_official
-
     if (args.run is None) == (args.from_official is None):
         raise ValueError("give either RUN_OR_CKPT or --from-official FILE (one of them)")
+    if args.format is not None and args.hf is not None:
+        raise ValueError("--hf writes an encoder folder; it does not combine with --format")
+    if args.out is None and args.hf is None:
+        raise ValueError("give --out ENCODER.safetensors and/or --hf DIR")
+    if args.format is not None:
+        return _export_network(args)
+    return _export_encoder(args)
+
+
+def _export_encoder(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from mim3d.hub import write_hf_folder
+    from mim3d.transfer import export_encoder, import_official
+
+    with tempfile.TemporaryDirectory() as tmp:  # holds the encoder file when only --hf is given
+        out = args.out or Path(tmp) / "encoder.safetensors"
+        if args.from_official is not None:
+            weights, card, report = import_official(args.from_official, out)
+            print(report.summary())
+        else:
+            weights, card = export_encoder(args.run, out)
+        if args.out is not None:
+            print(f"wrote {weights} and its card {card}")
+        if args.hf is not None:
+            folder = write_hf_folder(weights, args.hf, license_id=args.license)
+            print(f"wrote the Hugging Face folder {folder} (config.json, model.safetensors, "
+                  "README.md)")
+    return 0
+
+
+def _export_network(args: argparse.Namespace) -> int:
+    from mim3d.deploy.export import export_run
+
     if args.from_official is not None:
-        weights, card, report = import_official(args.from_official, args.out)
-        print(report.summary())
-    else:
-        weights, card = export_encoder(args.run, args.out)
-    print(f"wrote {weights} and its card {card}")
+        raise ValueError("--format exports a fine-tuning run; it does not take --from-official")
+    path, meta = export_run(args.run, args.out, fmt=args.format, checkpoint=args.checkpoint)
+    check = meta["check"]
+    print(f"wrote {path} ({args.format}); its logits match PyTorch's on a batch of "
+          f"{check['batch']} within rtol {check['rtol']} / atol {check['atol']} (max |diff| "
+          f"{check['max_abs_diff']:.2e})")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from mim3d.config import load_config
     from mim3d.engine.finetune import finetune
+    from mim3d.engine.loop import stop_exit_code
+    from mim3d.hub import resolve_encoder
 
     overrides = [*args.overrides, f"task.task={args.task}"]
     cfg = load_config("downstream", args.preset, config_file=args.config, overrides=overrides)
-    result = finetune(cfg, data=args.data, out=args.out, pretrained=args.pretrained,
+    pretrained = resolve_encoder(args.pretrained) if args.pretrained else None
+    result = finetune(cfg, data=args.data, out=args.out, pretrained=pretrained,
                       network=args.network, size=args.size, label_fraction=args.label_fraction,
                       lora_rank=args.lora_rank, max_steps=args.max_steps, resume=args.resume,
                       fold=args.fold, folds=args.folds)
     print(f"step {result.step}: last {result.last_checkpoint}; best {result.best_checkpoint} "
           f"(score {result.best_score}); metrics {result.metrics}")
-    return 0
+    return stop_exit_code(result.stop_signal)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mim3d.engine.predict import evaluate_run
+    import json
+
+    from mim3d.engine.evaluate import evaluate_run, summary_lines
 
     json_path, csv_path = evaluate_run(args.run, data=args.data, out_json=args.out,
-                                       checkpoint=args.checkpoint)
+                                       checkpoint=args.checkpoint, device=args.device)
+    print("\n".join(summary_lines(json.loads(Path(json_path).read_text()))))
     print(f"wrote {json_path} and {csv_path}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mim3d.engine.predict import predict_volume
+    from mim3d.engine.predict import PredictOptions, predict_case, prepare_prediction
+    from mim3d.engine.predict_batch import is_batch_input, predict_batch
 
-    label_path, json_path = predict_volume(args.model, args.input, args.output,
-                                           checkpoint=args.checkpoint)
-    print(f"wrote {label_path} and its class names {json_path}")
+    options = PredictOptions(
+        output_type=args.output_type, series_uid=args.series, overwrite=args.overwrite,
+        report=Path(args.report) if args.report else None, progress=True,
+        preview=Path(args.preview) if args.preview else None)
+    if is_batch_input(args.input):
+        done = predict_batch(args.model, args.input, args.output, checkpoint=args.checkpoint,
+                             device=args.device, options=options)
+        for name, why in done.failed.items():
+            print(f"mim3d predict: case {name} skipped: {why}", file=sys.stderr)
+        print(f"predicted {len(done.predicted)}, already done (skipped) {len(done.skipped)}, "
+              f"failed {len(done.failed)} -> {args.output}")
+        return 0 if done.predicted or done.skipped or not done.failed else 1
+    result = predict_case(*prepare_prediction(args.model, args.input, args.output,
+                                              checkpoint=args.checkpoint, device=args.device,
+                                              options=options))
+    if result.series_note:
+        print(result.series_note)
+    extra = f", report {result.report}" if result.report else ""
+    extra += f", preview {result.preview}" if result.preview else ""
+    print(f"wrote {result.labels} and its class names {result.sidecar}{extra}")
     return 0
 
 
@@ -153,6 +227,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mim3d", description="MiM (Mask in Mask) pre-training for 3D CT, and its downstream use.")
     parser.add_argument("--version", action="version", version=f"mim3d {__version__}")
+    level = parser.add_mutually_exclusive_group()
+    level.add_argument("-q", "--quiet", action="store_true",
+                       help="log warnings and errors only (results are still printed)")
+    level.add_argument("-v", "--verbose", action="store_true",
+                       help="log debug messages too, each with the module that wrote it")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="read CT volumes once into a prepared, crop-friendly store")
@@ -160,16 +239,27 @@ def _parser() -> argparse.ArgumentParser:
                    "nnU-Net dataset folders or .txt lists of paths")
     p.add_argument("--out", required=True, help="store folder (created; re-running resumes)")
     p.add_argument("--workers", type=int, default=2, help="parallel reader processes")
+    p.add_argument("--format", choices=("blosc2", "npy"), default=None,
+                   help="array format of a new store: blosc2 (compressed, chunked, needs "
+                   "mim3d[store]) or npy (raw, the default); an existing store keeps its own")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="prepare only part I of N of the inputs (0 <= I < N); run N processes "
+                   "or nodes into one --out, or into parts joined by `mim3d store merge`")
+    p.add_argument("--min-size", type=int, nargs="+", default=None, metavar="N",
+                   help="quarantine volumes smaller than N (or X Y Z) voxels after resampling, "
+                   "instead of padding their crops with air")
     _add_config_args(p, "base")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("phantoms", help="write synthetic CT phantoms with BTCV-style labels")
     p.add_argument("--out", required=True, help="output folder (imagesTr/, labelsTr/, dataset.json)")
     p.add_argument("--n", type=int, default=8, help="number of cases")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=int, nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"))
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the cohort: the same seed writes the same phantoms (default 0)")
+    p.add_argument("--shape", type=int, nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"),
+                   help="voxels per axis, RAS order (default 128 128 96)")
     p.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 2.0),
-                   metavar=("SX", "SY", "SZ"))
+                   metavar=("SX", "SY", "SZ"), help="voxel size in mm (default 1.5 1.5 2.0)")
     p.set_defaults(func=cmd_phantoms)
 
     p = sub.add_parser("pretrain", help="MiM (or baseline) pre-training, single process or under torchrun")
@@ -181,25 +271,36 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p, "base")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("demo", help="phantoms + tiny MiM pre-training on the CPU (a few minutes)")
+    p = sub.add_parser("demo", help="phantoms + tiny MiM pre-training on the CPU "
+                       "(about 3.5 min on 2 idle cores)")
     p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 100)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps of a new demo run (default 80; a rerun keeps its own)")
     p.add_argument("--cases", type=int, default=8, help="phantom cases to generate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the phantoms, the masks and the run (default 0)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("masks", help="the nested level boxes and masks of one CT (JSON + PNG)")
     p.add_argument("--input", required=True, help="CT file or DICOM series folder")
     p.add_argument("--out", required=True, help="output folder (levels.json, levels.png)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the masks: the same seed draws the same levels (default 0)")
     _add_config_args(p, "base")
     p.set_defaults(func=cmd_masks)
 
-    p = sub.add_parser("visualize", help="reconstructions of a checkpoint on any CT (tri-planar)")
+    p = sub.add_parser("visualize",
+                       help="reconstructions of a checkpoint on any CT (tri-planar, radiological)")
     p.add_argument("run", metavar="RUN_OR_CKPT", help="run folder or ckpt_* folder")
-    p.add_argument("--input", required=True, help="CT file or DICOM series folder")
+    p.add_argument("--input", required=True, nargs="+", metavar="CT",
+                   help="CT file(s) or DICOM series folder(s); several form one batch")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--seed", type=int, default=0, help="seeds the masks")
+    p.add_argument("--sample", type=int, default=0, metavar="I",
+                   help="which --input CT (batch sample) to draw (default 0)")
+    p.add_argument("--volume", default="", metavar="ID",
+                   help="volume to follow below level 1, as the ids of levels.json: L2.3 or "
+                   "L3.2.1 (default: the first child at each level)")
     p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("export", help="write a pre-trained encoder as safetensors + JSON card")
@@ -207,14 +308,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="run folder, ckpt_* folder or model.safetensors of a mim3d run")
     p.add_argument("--from-official", default=None, metavar="FILE",
                    help="import the MiM authors' released checkpoint instead")
-    p.add_argument("--out", required=True, help="ENCODER.safetensors to write (card beside it)")
+    p.add_argument("--out", default=None, help="ENCODER.safetensors to write (card beside "
+                   "it); with --format: model.onnx, model.ts or the bundle folder")
+    p.add_argument("--hf", default=None, metavar="DIR", help="also (or only) write the encoder "
+                   "as a Hugging Face folder: config.json, model.safetensors, README.md")
+    p.add_argument("--license", default="other",
+                   help="licence id for the --hf model card (default other), e.g. apache-2.0")
+    p.add_argument("--format", default=None, choices=("onnx", "torchscript", "bundle"),
+                   help="export a fine-tuning RUN's whole network instead of an encoder: ONNX "
+                   "(onnxruntime), TorchScript, or a MONAI bundle folder")
+    p.add_argument("--checkpoint", default="best",
+                   help="with --format: best, last or a ckpt_* folder of the run")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("finetune", help="fine-tune a segmentation or classification network")
-    p.add_argument("--task", choices=("seg", "cls"), default="seg")
+    p.add_argument("--task", choices=("seg", "cls"), default="seg",
+                   help="seg (voxel labels) or cls (one class per volume); default seg")
     p.add_argument("--data", required=True, help="datalist JSON, nnU-Net dataset or folder")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--pretrained", default=None, help="ENCODER.safetensors from mim3d export")
+    p.add_argument("--pretrained", default=None, help="encoder: ENCODER.safetensors from mim3d "
+                   "export, a Hugging Face folder, or hf://OWNER/NAME[@REV]")
     p.add_argument("--network", default=None,
                    choices=("mim-unetr", "unetr", "swinunetr", "classifier"),
                    help="default: mim-unetr (seg) or classifier (cls)")
@@ -222,10 +335,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--label-fraction", type=float, default=1.0,
                    help="share of the training split used (nested subsets)")
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (4, 8, 16)")
-    p.add_argument("--fold", type=int, default=0)
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--fold", type=int, default=0,
+                   help="held-out validation fold, 0..FOLDS-1, when the datalist has no "
+                   "validation list (default 0)")
+    p.add_argument("--folds", type=int, default=5,
+                   help="number of folds the training cases are cut into when the datalist "
+                   "has no validation list (default 5)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (the LR schedule is unchanged)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out")
     _add_config_args(p, "btcv")
     p.set_defaults(func=cmd_finetune)
 
@@ -234,13 +353,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="datalist (validation/test) or folder")
     p.add_argument("--out", required=True, help="METRICS.json (a per-case CSV goes beside it)")
     p.add_argument("--checkpoint", default="best", help="best, last or a ckpt_* folder")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the network runs (auto: CUDA when available)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="label map of a new scan, on the scan's own grid")
-    p.add_argument("-i", "--input", required=True, help="CT file or DICOM series folder")
-    p.add_argument("-o", "--output", required=True, help="LABELS.nii.gz to write")
-    p.add_argument("--model", required=True, help="fine-tuning run folder")
+    p.add_argument("-i", "--input", required=True, help="CT file or DICOM series folder; or, "
+                   "for many cases, a folder of them, a datalist JSON or a .txt list")
+    p.add_argument("-o", "--output", required=True, help="LABELS.nii.gz (or .dcm) to write; "
+                   "an output folder for many cases")
+    p.add_argument("--model", required=True,
+                   help="fine-tuning run folder, or a model.onnx of `mim3d export --format onnx`")
     p.add_argument("--checkpoint", default="best", help="best, last or a ckpt_* folder")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the network runs (auto: CUDA when available)")
+    p.add_argument("--output-type", default="nifti", choices=("nifti", "dicom-seg"),
+                   help="label map file (default), or a DICOM SEG for a DICOM series input")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="SeriesInstanceUID to read from a DICOM folder with several series "
+                   "(default: the CT series with the most slices)")
+    p.add_argument("--report", default=None, metavar="FILE.json",
+                   help="write a report: input, model, preprocessing, device, timings, and "
+                   "the volume (mL) and voxel count of every label")
+    p.add_argument("--preview", default=None, metavar="PNG",
+                   help="draw the labels over the CT (a folder of NAME.png for many cases)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (many cases: redo cases already predicted)")
     p.set_defaults(func=cmd_predict)
 
     for name in _COMMAND_MODULES:
@@ -248,10 +386,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not when it was built), so
+    a redirected or captured stderr (tests, notebooks) never receives a stale stream."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _configure_logging(quiet: bool, verbose: bool) -> None:
+    """Library messages (``logging.getLogger(__name__)`` under ``mim3d``) go to stderr: INFO by
+    default, WARNING with ``--quiet``, DEBUG with ``-v``. Results stay on stdout (``print``)."""
+    logger = logging.getLogger("mim3d")
+    for old in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+        logger.removeHandler(old)  # main() may run several times in one process (tests)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(
+        "%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
+    _configure_logging(args.quiet, args.verbose)
     handler: Handler = args.func
     try:
         return int(handler(args) or 0)

@@ -4,14 +4,12 @@ A run is described by one :class:`PretrainConfig` or :class:`FinetuneConfig`. Pr
 files shipped in ``mim3d/presets/{pretrain,downstream}/``; a user file (``--config``) and
 ``--set section.key=value`` overrides are applied on top, in that order. Every value is checked
 when the dataclass is built, and an unknown key or a bad value raises :class:`ConfigError` with
-one line that names it. This module does not import torch.
+one line that names it (the tree-to-dataclass machinery is :mod:`mim3d.config_tree`). This
+module does not import torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,10 +18,14 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot work; the message names it."""
-
+from mim3d.config_tree import (  # re-exported: mim3d.config is the one import for users
+    ConfigError,
+    apply_override,
+    build_dataclass,
+    merge_trees,
+    parse_override,
+    to_dict,
+)
 
 Triple = tuple[int, int, int]
 Spacing = tuple[float, float, float]
@@ -87,6 +89,8 @@ class GeometryConfig:
         mask_ratios: mu_l, fraction of units masked per level.
         gammas: children drawn per parent volume, one per level transition (L - 1 values).
         source: children drawn from ``masked`` units (paper) or ``unmasked`` (Table IX ablation).
+        resize_mode: ``trilinear`` (paper: area averaging to shrink, trilinear to enlarge) or
+            ``nearest`` (leak-free: whole-number factors, enlarging ones dividing patch_size).
     """
 
     crop_sizes: tuple[Triple, ...] = ((192, 192, 192), (96, 96, 96), (16, 16, 16))
@@ -95,6 +99,7 @@ class GeometryConfig:
     mask_ratios: tuple[float, ...] = (0.6, 0.6, 0.6)
     gammas: tuple[int, ...] = (4, 4)
     source: str = "masked"
+    resize_mode: str = "trilinear"
 
     @property
     def levels(self) -> int:
@@ -110,11 +115,18 @@ class GeometryConfig:
                self.mask_ratios, "each ratio must lie in (0, 1)")
         _check(self.source in ("masked", "unmasked"), "geometry.source", self.source,
                "choose masked or unmasked")
+        _check(self.resize_mode in ("trilinear", "nearest"), "geometry.resize_mode",
+               self.resize_mode, "choose trilinear or nearest")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Encoder/decoder sizes (DESIGN.md §3). ``encoder="vit"`` is the MAE3D baseline."""
+    """Encoder/decoder sizes (DESIGN.md §3). ``encoder="vit"`` is the MAE3D baseline.
+
+    ``depthwise_impl``: the CUDA depthwise conv (``auto`` = Triton when installed, ``triton``,
+    ``cudnn``); ``one_pass``: conv stages and decoder once over all levels' volumes (False:
+    level by level).
+    """
 
     encoder: str = "hybrid"
     in_channels: int = 1
@@ -129,8 +141,12 @@ class ModelConfig:
     decoder_heads: int = 16
     proj_dim: int = 2048
     drop_path_rate: float = 0.0
+    depthwise_impl: str = "auto"
+    one_pass: bool = True
 
     def __post_init__(self) -> None:
+        _check(self.depthwise_impl in ("auto", "triton", "cudnn"), "model.depthwise_impl",
+               self.depthwise_impl, "choose auto, triton or cudnn")
         _check(self.encoder in ENCODERS, "model.encoder", self.encoder,
                f"choose one of {', '.join(ENCODERS)}")
         _check(self.dims[3] % self.num_heads == 0, "model.num_heads", self.num_heads,
@@ -167,7 +183,11 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with warm-up + cosine, set per optimizer step (Table II)."""
+    """AdamW with warm-up + cosine, set per optimizer step (Table II).
+
+    ``grad_checkpointing`` recomputes the transformer blocks in backward; ``conv_recompute``
+    the hybrid encoder's conv blocks (most of a step's memory): ``auto`` = on CUDA only.
+    """
 
     lr: float = 1e-4
     min_lr: float = 0.0
@@ -180,8 +200,11 @@ class OptimConfig:
     grad_clip: float = 1.0
     precision: str = "auto"
     grad_checkpointing: bool = False
+    conv_recompute: str = "auto"
 
     def __post_init__(self) -> None:
+        _check(self.conv_recompute in ("auto", "always", "never"), "optim.conv_recompute",
+               self.conv_recompute, "choose auto (CUDA only), always or never")
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         _check(self.total_steps >= 1, "optim.total_steps", self.total_steps, "must be >= 1")
         _check(0 <= self.warmup_steps < self.total_steps, "optim.warmup_steps",
@@ -203,11 +226,16 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_last: int = 3
     deterministic: bool = False
+    #: torch.compile the transformer and conv blocks (``engine.train.compile_blocks``)
+    compile: bool = False
+    #: seconds a torchrun rank waits for its peers in a collective before it stops
+    dist_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         for key in ("log_every", "image_every", "ckpt_every", "keep_last"):
             _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
         _check(self.workers >= 0, "train.workers", self.workers, "must be >= 0")
+        _check(self.dist_timeout_s > 0, "train.dist_timeout_s", self.dist_timeout_s, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -280,123 +308,6 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-AnyConfig = PretrainConfig | FinetuneConfig
-
-
-# ---------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts, with type coercion and precise errors.
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Convert a YAML value to the annotated type, or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config section {key} must be a mapping, got {value!r}")
-        return _build(hint, value, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config value {key}={value!r} is invalid: expected a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"config value {key}={value!r} is invalid: expected {len(args)} items")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config value {key}={value!r} is invalid: expected a mapping")
-        return {_coerce(k, args[0], key): _coerce(v, args[1], key) for k, v in value.items()}
-    return _coerce_scalar(value, hint, key)
-
-
-def _coerce_scalar(value: Any, hint: Any, key: str) -> Any:
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise ConfigError(f"config value {key}={value!r} is invalid: expected {hint.__name__}")
-
-
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name not in names:
-            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
-        kwargs[name] = _coerce(value, hints[name], key)
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict:
-    """A plain, YAML/JSON-safe dict of a config (tuples become lists)."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(cfg))
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``a.b=value`` into a key path and a YAML-parsed value."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r} is invalid: write it as section.key=value")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise ConfigError(f"--set {text!r} is invalid: the key is empty")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r} is invalid: value is not YAML ({exc})") from None
-    return path, value
-
-
-def _apply_override(tree: dict, path: list[str], value: Any) -> dict:
-    node = tree
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is a value, not a section")
-    node[path[-1]] = value
-    return tree
-
-
 # ---------------------------------------------------------------------------------------------
 # Presets.
 
@@ -409,12 +320,23 @@ def preset_names(kind: str) -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _preset_dict(kind: str, name: str) -> dict:
+def _preset_yaml(kind: str, name: str) -> dict:
     names = preset_names(kind)
     if name not in names:
         raise ConfigError(f"unknown {kind} preset {name!r}; choose one of {', '.join(names)}")
     text = (resources.files("mim3d") / "presets" / kind / f"{name}.yaml").read_text()
     return yaml.safe_load(text) or {}
+
+
+def _preset_dict(kind: str, name: str) -> dict:
+    tree = _preset_yaml(kind, name)
+    tree.pop("description", None)  # for `mim3d presets`, not a config value
+    return tree
+
+
+def preset_description(kind: str, name: str) -> str:
+    """The one-line ``description`` of a shipped preset (``mim3d presets`` lists them)."""
+    return str(_preset_yaml(kind, name).get("description", "")).strip()
 
 
 def _read_yaml(path: str | Path) -> dict:
@@ -426,7 +348,8 @@ def _read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"config file {p} must hold a mapping of sections, got "
+                          f"{type(data).__name__}")
     return data
 
 
@@ -451,18 +374,18 @@ def load_config(kind: str, preset: str, *, config_file: str | Path | None = None
     tree = _preset_dict(kind, preset)
     tree.setdefault("name", preset)
     if config_file is not None:
-        tree = _merge(tree, _read_yaml(config_file))
+        tree = merge_trees(tree, _read_yaml(config_file))
     for text in overrides:
-        tree = _apply_override(tree, *parse_override(text))
+        tree = apply_override(tree, *parse_override(text))
     try:
-        return _build(KINDS[kind], tree)
+        return build_dataclass(KINDS[kind], tree)
     except TypeError as exc:  # a section given as a scalar, or the like
         raise ConfigError(f"config is invalid: {exc}") from None
 
 
 def config_from_dict(kind: str, tree: dict) -> Any:
     """Rebuild a config from :func:`to_dict` output (e.g. a run folder's ``config.yaml``)."""
-    return _build(KINDS[kind], tree)
+    return build_dataclass(KINDS[kind], tree)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
