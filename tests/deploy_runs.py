@@ -4,7 +4,7 @@ One segmentation run is trained for two steps on two 40^3 phantoms and kept in t
 base temp folder, so both modules reuse it (it is built by whichever asks first). The other
 networks get runs of freshly seeded weights written in the run-folder layout (exporting does not
 depend on training). Spacing 4.5 mm: the real test CTs (3 mm) then map back from the model grid
-without exact nearest-neighbour ties (see mim3d.deploy.bundle on tie rules).
+without exact nearest-neighbour ties (see mim3d.engine.bundle on tie rules).
 """
 
 from __future__ import annotations

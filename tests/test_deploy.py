@@ -19,8 +19,8 @@ from deploy_runs import CT_SMALL, network_run, seg_run
 
 from mim3d.cli import main
 from mim3d.data.transforms import make_dataset
-from mim3d.deploy.export import ONNX_OPSET, export_run, tolerance_for
 from mim3d.deploy.onnx_model import NotAMim3dExport, read_metadata
+from mim3d.engine.export import ONNX_OPSET, export_run, tolerance_for
 from mim3d.engine.inference import ReadCapture, load_run
 from mim3d.engine.predict import predict_volume
 

@@ -36,13 +36,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 _RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 #: Leaf modules: no torch, no other mim3d module (the package root aside).
 NO_TORCH = ("config", "config_tree")
-#: Known breaks of the layers, each to be removed when fixed (a stale entry fails the test):
-#: ``deploy`` reads a fine-tuned run through ``engine.inference.load_run``; loading a run for
-#: inference has to move below the engine (or deploy above it) - open point of issue 11.
-KNOWN_EXCEPTIONS: frozenset[tuple[str, str]] = frozenset({
-    ("mim3d.deploy.export", "mim3d.engine.inference"),
-    ("mim3d.deploy.bundle", "mim3d.engine.inference"),
-})
+#: Known breaks of the layers, each to be removed when fixed (a stale entry fails the test).
+KNOWN_EXCEPTIONS: frozenset[tuple[str, str]] = frozenset()
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -154,7 +154,7 @@ def _export_encoder(args: argparse.Namespace) -> int:
 
 
 def _export_network(args: argparse.Namespace) -> int:
-    from mim3d.deploy.export import export_run
+    from mim3d.engine.export import export_run
 
     if args.from_official is not None:
         raise ValueError("--format exports a fine-tuning run; it does not take --from-official")

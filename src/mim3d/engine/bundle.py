@@ -4,7 +4,7 @@ Layout::
 
     BUNDLE/configs/metadata.json   versions, label names (network_data_format), mim3d's spec
     BUNDLE/configs/inference.json  preprocessing, sliding window, post-processing, saver
-    BUNDLE/models/model.ts         the network traced by torch.jit (mim3d.deploy.export)
+    BUNDLE/models/model.ts         the network traced by torch.jit (mim3d.engine.export)
     BUNDLE/docs/README.md          how to run it
 
 Run it from the bundle folder with MONAI alone (no mim3d needed)::
@@ -167,7 +167,7 @@ def write_bundle(loaded: LoadedRun, out: Path) -> dict[str, Any]:
     Raises:
         ValueError: a classification run (the bundle's pipeline segments).
     """
-    from mim3d.deploy.export import (
+    from mim3d.engine.export import (
         TORCHSCRIPT_FORMAT,
         export_metadata,
         save_torchscript,

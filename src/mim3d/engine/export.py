@@ -185,7 +185,7 @@ def export_run(run: str | Path, out: str | Path, *, fmt: str,
     Args:
         run: the run folder of ``mim3d finetune``.
         out: ``model.onnx``, ``model.ts`` or the bundle folder (must not exist).
-        fmt: ``onnx``, ``torchscript`` or ``bundle`` (:mod:`mim3d.deploy.bundle`).
+        fmt: ``onnx``, ``torchscript`` or ``bundle`` (:mod:`mim3d.engine.bundle`).
         checkpoint: ``best``, ``last`` or a checkpoint folder.
 
     Returns:
@@ -205,7 +205,7 @@ def export_run(run: str | Path, out: str | Path, *, fmt: str,
         raise ExportError(f"{run}: already an export; pass the fine-tuning run folder")
     loaded = load_run(run, checkpoint=checkpoint, device="cpu")
     if fmt == "bundle":
-        from mim3d.deploy.bundle import write_bundle
+        from mim3d.engine.bundle import write_bundle
 
         meta = write_bundle(loaded, out)
         return out, {**meta, "check": meta["mim3d"]["export_check"]}
