@@ -100,7 +100,8 @@ def test_demo_rerun_reports_the_finished_run(demo_run) -> None:
     again: list[str] = []
     second = run_demo(out, steps=5, cases=2, progress=False, echo=again.append)
     text = "\n".join(again)
-    assert "already complete" in text and "nan" not in text and "0.0 min" not in text
+    # the finished run's own numbers, not a fresh session's (before: "in 0.0 min", "loss: nan")
+    assert "already complete" in text and "final loss: nan" not in text
     assert "--steps 5 applies to a new --out folder" in text
     assert f"final loss: {first.final_loss:.4f} (step 2)" in text
     minutes = f"{first.sessions[0]['train_wall_s'] / 60:.1f} min of training"
