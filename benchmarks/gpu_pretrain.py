@@ -5,7 +5,7 @@ from ``sample_levels``, the real loss, AdamW, bf16 autocast on CUDA) on random 1
 one process:
 
 * ``before``  the library's paths as of the issue's start, kept selectable by switches:
-  ``model.one_pass=false`` (level by level), ``model.depthwise_impl=cudnn``,
+  ``model.one_pass=never`` (level by level), ``model.depthwise_impl=cudnn``,
   ``optim.conv_recompute=never``, plain (unfused) AdamW, pageable input batches, and every loss
   term and the gradient norm read on the host after each step (the old loop's syncs).
 * ``after``   the defaults: one pass over the levels, the Triton depthwise conv, conv blocks
@@ -72,7 +72,7 @@ class Variant:
     pinned: bool = True  # the input batch in pinned host memory (a pin_memory loader)
 
 
-BEFORE = Variant("before", ("model.one_pass=false", "model.depthwise_impl=cudnn",
+BEFORE = Variant("before", ("model.one_pass=never", "model.depthwise_impl=cudnn",
                             "optim.conv_recompute=never"), fused=False, host_sync=True,
                  pinned=False)
 AFTER = Variant("after")

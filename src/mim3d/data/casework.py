@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +30,7 @@ from mim3d.data.preprocess import resample_to_spacing
 from mim3d.data.readers import read_volume, validate_volume
 from mim3d.data.volume import ImageReadError
 
-__all__ = ["CaseJob", "prepare_case", "resample", "stale_temporaries", "write_case_dir"]
+__all__ = ["CaseJob", "prepare_case", "stale_temporaries", "write_case_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +89,9 @@ def _write_case(spec: CaseSpec, job: CaseJob) -> dict[str, Any]:
     label = _read_label(spec.label, vol.array.shape, vol.affine) if spec.label else None
     array, affine = vol.array, vol.affine
     if data.spacing is not None:
-        array, affine = resample(vol.array, vol.affine, data.spacing, order=1)
+        array, affine = resample_to_spacing(vol.array, vol.affine, data.spacing, order=1)
         if label is not None:
-            label = resample(label, vol.affine, data.spacing, order=0)[0]
+            label = resample_to_spacing(label, vol.affine, data.spacing, order=0)[0]
     hu = _to_int16(array)
     meta = vol.meta
     del array, vol
@@ -246,22 +245,6 @@ def _read_label(path: str, shape: tuple[int, ...], affine: np.ndarray) -> np.nda
     if lo < 0 or hi > 32767:
         raise _CaseError(f"label {path} values [{lo}, {hi}] are outside [0, 32767]")
     return np.ascontiguousarray(arr.astype(np.uint8 if hi <= 255 else np.int16))
-
-
-def resample(array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], *,
-             order: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`mim3d.data.preprocess.resample_to_spacing` (the grid fine-tuning resamples to too).
-
-    Args:
-        array: (X, Y, Z) volume.
-        affine: its 4x4 voxel-to-world matrix.
-        spacing: target voxel size in mm along the array axes.
-        order: 1 = trilinear (images, float32 output), 0 = nearest (labels, dtype kept).
-
-    Returns:
-        ``(array, affine)`` on the new grid, which keeps the first voxel's centre.
-    """
-    return resample_to_spacing(array, affine, spacing, order=order)
 
 
 def now() -> str:

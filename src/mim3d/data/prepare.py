@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from mim3d.config import DataConfig, to_dict
 from mim3d.data.body import BODY_CELL
-from mim3d.data.casework import CaseJob, now, prepare_case, resample, stale_temporaries
+from mim3d.data.casework import CaseJob, now, prepare_case, stale_temporaries
 from mim3d.data.datalists import CaseSpec, resolve_inputs
 from mim3d.data.formats import array_format
 from mim3d.data.manifest import (
@@ -57,7 +57,7 @@ from mim3d.data.store import (
     read_store_info,
 )
 
-__all__ = ["PrepareReport", "parse_shard", "prepare", "resample"]
+__all__ = ["PrepareReport", "parse_shard", "prepare"]
 
 _CRASH_REASON = ("worker process died while preparing this case (out of memory, or a crash "
                  "inside an image reader)")

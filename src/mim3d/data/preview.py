@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mim3d.config import DataConfig
-from mim3d.data.prepare import resample
+from mim3d.data.preprocess import resample_to_spacing
 from mim3d.data.readers import read_volume, validate_volume
 from mim3d.data.store import AIR_HU, crop_array, normalize
 from mim3d.data.volume import ImageReadError
@@ -37,7 +37,7 @@ def load_level1_crop(path: str | Path, data: DataConfig,
     array, affine = vol.array, vol.affine
     spacing = tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
     if data.spacing is not None:
-        array, _ = resample(array, affine, data.spacing, order=1)
+        array, _ = resample_to_spacing(array, affine, data.spacing, order=1)
         spacing = tuple(float(v) for v in data.spacing)
     hu = np.clip(np.rint(array), -32768, 32767).astype(np.int16)
     body = np.argwhere(hu > data.body_hu)

@@ -130,7 +130,7 @@ class MiM(nn.Module):
         stop_grad: detach parent unit features before the parent head (the head still learns).
         one_pass: run the encoder's conv stages and the decoder once over the stacked volumes
             of all levels (``encoder.forward_levels``); False runs level by level (the same
-            function, in more and smaller passes).
+            function, in more and smaller passes); None: one pass when the input is on CUDA.
     """
 
     def __init__(self, *, encoder: nn.Module, geometry: Sequence[LevelGeometry],
@@ -138,7 +138,7 @@ class MiM(nn.Module):
                  input_size: Sequence[int] = (96, 96, 96), decoder_dim: int = 576,
                  decoder_depth: int = 8, decoder_heads: int = 16, mlp_ratio: float = 4.0,
                  proj_dim: int = 2048, align: bool = True, stop_grad: bool = True,
-                 one_pass: bool = True) -> None:
+                 one_pass: bool | None = None) -> None:
         super().__init__()
         if len(geometry) < 1:
             raise ValueError(f"geometry={geometry!r}: need at least one level")
@@ -173,7 +173,8 @@ class MiM(nn.Module):
     def _decode_levels(self, vols: list[Tensor],
                        masks: Sequence[LevelMasks]) -> list[tuple[Tensor, Tensor]]:
         """(pred, decoder features) of every level, in one pass or level by level."""
-        if not (self.one_pass and hasattr(self.encoder, "forward_levels")):
+        one = vols[0].is_cuda if self.one_pass is None else self.one_pass
+        if not (one and hasattr(self.encoder, "forward_levels")):
             outs = [self.decoder(self.encoder(v, m.ids_keep), m.ids_restore)
                     for v, m in zip(vols, masks)]
             return [(d.pred, d.features) for d in outs]
