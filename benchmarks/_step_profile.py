@@ -10,6 +10,7 @@ op, e.g. ``NativeLayerNormBackward0``); and last its kernel name (Triton launche
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -106,3 +107,24 @@ def family_times(prof: torch.profiler.profile, cuda: bool) -> dict[str, float]:
         if seconds > 1e-9:
             times[classify([], name)] += seconds
     return dict(times)
+
+
+def sync(dev: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so host timers see it done."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gemm_peak(dev: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
+              reps: int = 6) -> float:
+    """Best FLOP/s (2 n^3 per product) of an n x n @ n x n ``torch.mm`` over ``reps`` runs on
+    random data, after one warm-up run."""
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(reps + 1):
+        sync(dev)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best

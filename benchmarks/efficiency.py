@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _step_profile import gemm_peak, sync
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -239,25 +240,6 @@ def _breakdown(counter: FlopCounterMode, case: Case) -> dict[str, float]:
     return {g: v / 1e9 for g, v in out.items()}
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def gemm_peak(dev: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
-              reps: int = 6) -> float:
-    """Best FLOP/s (2 n^3 per product) of an n x n @ n x n ``torch.mm`` over ``reps`` runs."""
-    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(reps + 1):  # the first run is a warm-up
-        _sync(dev)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(dev)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
 def _rss_mib(field: str) -> float:
     """VmRSS (now) or VmHWM (peak since the last clear_refs reset) of this process, MiB."""
     line = next(ln for ln in Path("/proc/self/status").read_text().splitlines()
@@ -282,7 +264,7 @@ def _counted_step(case: Case, ctx: Callable[[], Any], dev: torch.device) -> dict
         loss = case.step_loss()
     with FlopCounterMode(display=False) as bwd:
         loss.backward()
-    _sync(dev)
+    sync(dev)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
             else _rss_mib("VmHWM"))
     case.model.zero_grad(set_to_none=True)
@@ -307,12 +289,12 @@ def _timed_steps(case: Case, ctx: Callable[[], Any], dev: torch.device,
                  n: int) -> dict[str, Any]:
     wall, cpu, b0 = [], [], _busy_s()
     for _ in range(n):
-        _sync(dev)
+        sync(dev)
         t0, c0 = time.perf_counter(), time.process_time()
         with ctx():
             loss = case.step_loss()
         loss.backward()
-        _sync(dev)
+        sync(dev)
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         case.model.zero_grad(set_to_none=True)

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _step_profile import family_times, library_scopes
+from _step_profile import family_times, gemm_peak, library_scopes, sync
 from torch.utils.flop_counter import FlopCounterMode
 
 import mim3d.engine.train as train_mod
@@ -101,11 +101,6 @@ QUICK = {"preset": "tiny", "overrides": SHRUNK, "batches": (1, 2), "warmup": 1, 
                        "swin_ssl": ("tiny", ("method=swinssl", "geometry.crop_sizes=[[32,32,64]]",
                                              "geometry.input_size=[32,32,64]", *ONE_LEVEL,
                                              "model.dims=[12,24,48,96]"), (1,))}}
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _memory(dev: torch.device, reset: bool = False) -> float:
     """Bytes allocated now (resetting the peak), or the peak since the reset."""
     if dev.type != "cuda":  # the CPU has no allocator statistics to speak of
@@ -159,12 +154,12 @@ def measure(preset: str, overrides: tuple[str, ...], variant: Variant, batch: in
         run = _Trainer(_config(preset, (*overrides, *variant.overrides), batch), variant, dev)
         for _ in range(mode["warmup"]):
             run()
-        _sync(dev)
+        sync(dev)
         static = _memory(dev, reset=True)
         t0 = time.perf_counter()
         for _ in range(mode["steps"]):
             res = run()
-        _sync(dev)
+        sync(dev)
         step_s = (time.perf_counter() - t0) / mode["steps"]
         peak = _memory(dev)
         row |= {"step_s": step_s, "samples_per_s": batch / step_s, "static_gib": static / GIB,
@@ -188,11 +183,11 @@ def profile_step(preset: str, overrides: tuple[str, ...], variant: Variant, batc
         run()
     acts = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    _sync(dev)
+    sync(dev)
     with library_scopes(), torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()
         run()
-        _sync(dev)
+        sync(dev)
         wall = time.perf_counter() - t0
     times = family_times(prof, dev.type == "cuda")
     times["idle_gpu_or_host"] = max(0.0, wall - sum(times.values()))
@@ -214,19 +209,6 @@ def forward_flops(preset: str, overrides: tuple[str, ...], dev: torch.device) ->
     return float(fc.get_total_flops())
 
 
-def gemm_peak(dev: torch.device, dtype: torch.dtype, n: int, reps: int = 10) -> float:
-    """Best FLOP/s of an n^3 matrix product on random data (after one warm-up)."""
-    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(reps + 1):
-        _sync(dev)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(dev)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
 def _best(rows: list[dict[str, Any]], variant: str) -> dict[str, Any] | None:
     ok = [r for r in rows if r["variant"] == variant and "error" not in r]
     return max(ok, key=lambda r: r["samples_per_s"]) if ok else None
@@ -245,7 +227,7 @@ def run_all(mode: dict[str, Any], dev: torch.device, compiled: bool) -> dict[str
                      for b in bb] for m, (bp, bov, bb) in mode["baselines"].items()}
     return {"rows": rows, "profiles": profiles, "baselines": baselines,
             "forward_gflops_per_sample": forward_flops(p, ov, dev) / 1e9,
-            "gemm_flops_per_s": gemm_peak(dev, *mode["gemm"])}
+            "gemm_flops_per_s": gemm_peak(dev, *mode["gemm"], reps=10)}
 
 
 def results(data: dict[str, Any]) -> dict[str, float]:

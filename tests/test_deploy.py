@@ -1,6 +1,6 @@
 """Export of fine-tuned runs (mim3d.deploy): ONNX and TorchScript for every downstream network,
-checked against PyTorch on a real CT patch; the MONAI bundle run by MONAI itself; prediction
-through ONNX Runtime; bad exports and foreign ONNX files."""
+checked against PyTorch on a real CT patch; the MONAI bundles (segmentation and classification)
+run by MONAI itself; prediction through ONNX Runtime; bad exports and foreign ONNX files."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from deploy_runs import CT_SMALL, network_run, seg_run
 from mim3d.cli import main
 from mim3d.data.transforms import make_dataset
 from mim3d.deploy.onnx_model import NotAMim3dExport, read_metadata
+from mim3d.engine.bundle import CLS_OUTPUT
 from mim3d.engine.export import ONNX_OPSET, export_run, tolerance_for
 from mim3d.engine.inference import ReadCapture, load_run
 from mim3d.engine.predict import predict_volume
@@ -127,6 +128,21 @@ def test_foreign_onnx_and_existing_outputs_are_refused(run: Path, shared_data: P
     assert "exists" in capsys.readouterr().err and taken.read_text() == "keep me"
 
 
+def _run_bundle(bundle: Path, ct: Path, out: Path) -> None:
+    """``python -m monai.bundle run`` in the bundle folder, in its own process group."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           "configs/inference.json", "--image", str(ct), "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=bundle, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+
+
 @pytest.mark.slow
 def test_monai_bundle_runs_in_monai_and_matches_predict(run: Path, shared_data: Path,
                                                         tmp_path: Path) -> None:
@@ -138,20 +154,42 @@ def test_monai_bundle_runs_in_monai_and_matches_predict(run: Path, shared_data: 
     assert meta["mim3d"]["preprocessing"]["spacing_mm"] == [4.5, 4.5, 4.5]
     assert (bundle / "models" / "model.ts").is_file()
     ct = shared_data / CT_SMALL
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           "configs/inference.json", "--image", str(ct), "--output_dir", str(tmp_path / "out")]
-    proc = subprocess.Popen(cmd, cwd=bundle, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, err[-2000:]
+    _run_bundle(bundle, ct, tmp_path / "out")
     (written,) = (tmp_path / "out").glob("*_seg.nii.gz")
     ours = predict_volume(run, ct, tmp_path / "ours.nii.gz")[0]
     a, b = (nib.load(str(p)) for p in (ours, written))
     np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
     agree = (np.asarray(a.dataobj) == np.asarray(b.dataobj)).mean()
     assert agree >= 0.999 and len(np.unique(np.asarray(b.dataobj))) > 1
+
+
+@pytest.mark.slow
+def test_classifier_bundle_runs_in_monai_and_matches_evaluate(run: Path, shared_data: Path,
+                                                             tmp_path: Path) -> None:
+    source = network_run(run, tmp_path / "cls_run", "classifier", (32, 32, 32))
+    bundle, ct = tmp_path / "bundle", shared_data / CT_SMALL
+    assert main(["export", str(source), "--format", "bundle", "--out", str(bundle)]) == 0
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    classes = json.loads((source / "finetune.json").read_text())["classes"]
+    assert pred["channel_def"] == classes == {"0": "no", "1": "yes"}
+    assert (pred["type"], pred["format"], pred["num_channels"]) == ("probabilities",
+                                                                   "classes", 2)
+    assert meta["task"] == "CT classification: no, yes"
+    _run_bundle(bundle, ct, tmp_path / "out")
+    rows = (tmp_path / "out" / CLS_OUTPUT).read_text().splitlines()
+    assert len(rows) == 1 and rows[0].split(",")[0] == str(ct)
+    theirs = np.asarray([float(v) for v in rows[0].split(",")[1:]])
+    datalist = tmp_path / "one.json"
+    datalist.write_text(json.dumps({"training": [], "validation": [{"image": str(ct),
+                                                                    "label": 1}]}))
+    assert main(["evaluate", str(source), "--data", str(datalist), "--out",
+                 str(tmp_path / "metrics.json"), "--device", "cpu"]) == 0
+    (case,) = json.loads((tmp_path / "metrics.json").read_text())["per_case"].values()
+    ours = np.asarray(case["probs"])
+    # The same float32 network (traced vs eager) on the same ROI; only float32 rounding may
+    # differ (SciPy vs Spacingd resampling, summation order): they agreed exactly when this was
+    # written. 1e-5 allows that rounding and is far below a real pipeline difference: a 4 mm
+    # instead of the run's 4.5 mm spacing moved these untrained probabilities by 8e-4.
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-5)
+    assert int(theirs.argmax()) == case["pred"] and abs(ours[0] - ours[1]) > 1e-3

@@ -1,4 +1,5 @@
-"""Tests of mim3d.evaluation: metrics against MONAI and by hand, reports, sliding window, AUC."""
+"""Tests of mim3d.metrics and mim3d.evaluation: metrics against MONAI and by hand, AUC, reports,
+sliding window."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from monai.metrics import DiceMetric, compute_hausdorff_distance, compute_surfac
 from torch import Tensor, nn
 
 from mim3d import evaluation as ev
+from mim3d import metrics as mt
 
 SHAPE = (32, 32, 32)
 K = 5  # background + 4 classes
@@ -71,7 +73,7 @@ def _ours(fn, pred: np.ndarray, gt: np.ndarray, *args) -> np.ndarray:
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_dice_matches_monai(seed: int) -> None:
     gt, pred = _blobs(seed)
-    ours = _ours(ev.dice, pred, gt)
+    ours = _ours(mt.dice, pred, gt)
     for ignore_empty in (True, False):
         metric = DiceMetric(include_background=False, reduction="none", ignore_empty=ignore_empty)
         monai = metric(_onehot(pred), _onehot(gt))[0].numpy()
@@ -87,7 +89,7 @@ def test_dice_matches_monai(seed: int) -> None:
 def test_nsd_matches_monai(seed: int, spacing: tuple[float, ...], tol: float) -> None:
     # 1.6 = 2 x 0.8 and 2.5 = the z spacing make many distances tie with the tolerance.
     gt, pred = _blobs(seed)
-    ours = _ours(ev.surface_dice, pred, gt, spacing, tol)
+    ours = _ours(mt.surface_dice, pred, gt, spacing, tol)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns about the empty class
         monai = compute_surface_dice(_onehot(pred), _onehot(gt), class_thresholds=[tol] * (K - 1),
@@ -105,14 +107,14 @@ def test_nsd_tolerance_tie_in_float32_like_monai() -> None:
         warnings.simplefilter("ignore")  # a MONAI-internal FutureWarning
         monai = compute_surface_dice(_onehot(pred, 2), _onehot(gt, 2), class_thresholds=[0.3],
                                      spacing=spacing)[0, 0].item()
-    assert ev.surface_dice(pred, gt, 1, spacing, 0.3) == monai == 1.0
+    assert mt.surface_dice(pred, gt, 1, spacing, 0.3) == monai == 1.0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), ANISO])
 def test_hd95_matches_monai(seed: int, spacing: tuple[float, ...]) -> None:
     gt, pred = _blobs(seed)
-    ours = _ours(ev.hd95, pred, gt, spacing)
+    ours = _ours(mt.hd95, pred, gt, spacing)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         monai = compute_hausdorff_distance(_onehot(pred), _onehot(gt), percentile=95,
@@ -124,13 +126,13 @@ def test_hd95_matches_monai(seed: int, spacing: tuple[float, ...]) -> None:
 
 def test_evaluate_case_matches_single_metrics() -> None:
     gt, pred = _blobs(5)
-    res = ev.evaluate_case(pred, gt, spacing=ANISO, class_ids=[1, 2, 3, 4],
+    res = mt.evaluate_case(pred, gt, spacing=ANISO, class_ids=[1, 2, 3, 4],
                            class_names=["a", "b", "c", "d"], nsd_tolerance_mm=2.0)
     assert list(res) == ["a", "b", "c", "d"]
     for cid, name in enumerate(["a", "b", "c", "d"], start=1):
-        np.testing.assert_equal(res[name]["dice"], ev.dice(pred, gt, cid))
-        np.testing.assert_equal(res[name]["nsd"], ev.surface_dice(pred, gt, cid, ANISO, 2.0))
-        np.testing.assert_equal(res[name]["hd95"], ev.hd95(pred, gt, cid, ANISO))
+        np.testing.assert_equal(res[name]["dice"], mt.dice(pred, gt, cid))
+        np.testing.assert_equal(res[name]["nsd"], mt.surface_dice(pred, gt, cid, ANISO, 2.0))
+        np.testing.assert_equal(res[name]["hd95"], mt.hd95(pred, gt, cid, ANISO))
 
 
 # ---------------------------------------------------------------- hand-computed cases
@@ -138,16 +140,16 @@ def test_evaluate_case_matches_single_metrics() -> None:
 
 def test_identical_masks() -> None:
     gt = _ball((16, 16, 16), 7).astype(np.int64)
-    assert ev.dice(gt, gt, 1) == 1.0
-    assert ev.surface_dice(gt, gt, 1, ANISO, 0.0) == 1.0
-    assert ev.hd95(gt, gt, 1, ANISO) == 0.0
+    assert mt.dice(gt, gt, 1) == 1.0
+    assert mt.surface_dice(gt, gt, 1, ANISO, 0.0) == 1.0
+    assert mt.hd95(gt, gt, 1, ANISO) == 0.0
 
 
 def test_dice_of_two_boxes() -> None:
     gt, pred = np.zeros(SHAPE, int), np.zeros(SHAPE, int)
     gt[0:10, 0:10, 0:10] = 2  # 1000 voxels
     pred[5:15, 0:10, 0:10] = 2  # 1000 voxels, 500 shared
-    assert ev.dice(pred, gt, 2) == pytest.approx(0.5)
+    assert mt.dice(pred, gt, 2) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), ANISO])
@@ -156,26 +158,26 @@ def test_shifted_sphere(spacing: tuple[float, ...], k: int) -> None:
     gt = _ball((16, 16, 16), 8).astype(np.int64)
     pred = np.roll(gt, k, axis=0)  # exact shift: every surface voxel moves by k * spacing[0]
     shift_mm = k * spacing[0]
-    assert abs(ev.hd95(pred, gt, 1, spacing) - shift_mm) <= spacing[0]
+    assert abs(mt.hd95(pred, gt, 1, spacing) - shift_mm) <= spacing[0]
     # No surface voxel is farther than the shift from the other surface, and some are that far.
-    assert ev.surface_dice(pred, gt, 1, spacing, shift_mm) == 1.0
-    assert ev.surface_dice(pred, gt, 1, spacing, 0.99 * shift_mm) < 1.0
+    assert mt.surface_dice(pred, gt, 1, spacing, shift_mm) == 1.0
+    assert mt.surface_dice(pred, gt, 1, spacing, 0.99 * shift_mm) < 1.0
 
 
 def test_surface_is_six_connected_shell() -> None:
     # A 3^3 cube: erosion with the 6-connected element leaves only the centre voxel inside.
     mask = np.zeros((5, 5, 5), bool)
     mask[1:4, 1:4, 1:4] = True
-    assert ev._surface(mask).sum() == 26
+    assert mt._surface(mask).sum() == 26
     # Voxels on the image border are surface (the outside counts as background).
-    assert ev._surface(np.ones((3, 3, 3), bool)).sum() == 26
+    assert mt._surface(np.ones((3, 3, 3), bool)).sum() == 26
 
 
 def test_absent_class_rules() -> None:
     gt, pred = np.zeros(SHAPE, int), np.zeros(SHAPE, int)
     gt[_ball((10, 10, 10), 4)] = 1  # class 1: missed
     pred[_ball((20, 20, 20), 4)] = 2  # class 2: false positive; class 3: absent from both
-    res = ev.evaluate_case(pred, gt, spacing=(1, 1, 1), class_ids=[1, 2, 3],
+    res = mt.evaluate_case(pred, gt, spacing=(1, 1, 1), class_ids=[1, 2, 3],
                            class_names=["miss", "fp", "none"], nsd_tolerance_mm=1.0)
     for name in ("miss", "fp"):
         assert res[name]["dice"] == 0.0 and res[name]["nsd"] == 0.0
@@ -191,13 +193,13 @@ def test_absent_class_rules() -> None:
 def test_input_checks() -> None:
     a = np.zeros(SHAPE, int)
     with pytest.raises(ValueError, match="same shape"):
-        ev.dice(a, a[:-1], 1)
+        mt.dice(a, a[:-1], 1)
     with pytest.raises(ValueError, match="spacing"):
-        ev.hd95(a + 1, a + 1, 1, (1.0, 1.0))
+        mt.hd95(a + 1, a + 1, 1, (1.0, 1.0))
     with pytest.raises(ValueError, match="tolerance"):
-        ev.surface_dice(a, a, 1, (1, 1, 1), -1.0)
+        mt.surface_dice(a, a, 1, (1, 1, 1), -1.0)
     with pytest.raises(ValueError, match="class_names"):
-        ev.evaluate_case(a, a, spacing=(1, 1, 1), class_ids=[1, 2], class_names=["x"],
+        mt.evaluate_case(a, a, spacing=(1, 1, 1), class_ids=[1, 2], class_names=["x"],
                          nsd_tolerance_mm=1.0)
 
 
@@ -250,7 +252,7 @@ def test_write_reports(tmp_path: Path) -> None:
     report = json.loads(text, parse_constant=_reject)  # strict JSON: NaN written as null
     assert report["run"] == "r1"
     assert report["rules"]["nsd_tolerance_mm"] == 1.5
-    assert report["rules"]["absent_class"] == ev.ABSENT_CLASS_RULE
+    assert report["rules"]["absent_class"] == mt.ABSENT_CLASS_RULE
     assert report["per_case"]["c2"]["tumour"]["dice"] is None
     assert report["summary"]["classes"]["liver"]["dice"]["mean"] == pytest.approx(0.8)
     with csv_path.open() as fh:
@@ -346,13 +348,13 @@ def test_binary_auc_by_hand() -> None:
     labels = np.array([0, 0, 1, 1])
     perfect = np.array([0.1, 0.2, 0.8, 0.9])
     probs = np.stack([1 - perfect, perfect], axis=1)
-    assert ev.classification_metrics(probs, labels)["auc"] == 1.0
-    assert ev.classification_metrics(probs[:, ::-1], labels)["auc"] == 0.0
+    assert mt.classification_metrics(probs, labels)["auc"] == 1.0
+    assert mt.classification_metrics(probs[:, ::-1], labels)["auc"] == 0.0
     tied = np.full((4, 2), 0.5)
-    assert ev.classification_metrics(tied, labels)["auc"] == 0.5
+    assert mt.classification_metrics(tied, labels)["auc"] == 0.5
     # pos {0.5, 0.8} vs neg {0.5, 0.2}: wins 1 + 1 + 1 and one tie -> 3.5 / 4.
     s = np.array([0.5, 0.2, 0.5, 0.8])
-    res = ev.classification_metrics(np.stack([1 - s, s], axis=1), labels)
+    res = mt.classification_metrics(np.stack([1 - s, s], axis=1), labels)
     assert res["auc"] == pytest.approx(0.875)
     assert res["accuracy"] == pytest.approx(0.75)  # the 0.5 tie arg-maxes to class 0
 
@@ -361,7 +363,7 @@ def test_multiclass_auc_matches_pair_count() -> None:
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(4), 10)
     probs = np.round(rng.dirichlet(np.ones(4), size=40) + 0.3 * np.eye(4)[labels], 1)  # ties
-    res = ev.classification_metrics(probs, labels)
+    res = mt.classification_metrics(probs, labels)
     per_class = [_brute_auc(probs[:, c], labels == c) for c in range(4)]
     np.testing.assert_allclose(res["auc_per_class"], per_class)
     assert res["auc"] == pytest.approx(np.mean(per_class))
@@ -374,19 +376,19 @@ def test_auc_matches_sklearn_when_available() -> None:
     rng = np.random.default_rng(1)
     labels = np.repeat(np.arange(3), 12)
     probs = rng.dirichlet(np.ones(3), size=36)
-    res = ev.classification_metrics(probs, labels)
+    res = mt.classification_metrics(probs, labels)
     assert res["auc"] == pytest.approx(metrics.roc_auc_score(labels, probs, multi_class="ovr",
                                                              average="macro"))
 
 
 def test_auc_undefined_without_positives() -> None:
     probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]])
-    res = ev.classification_metrics(probs, np.array([0, 1, 0]))  # class 2 never occurs
+    res = mt.classification_metrics(probs, np.array([0, 1, 0]))  # class 2 never occurs
     assert math.isnan(res["auc"]) and "[2]" in res["note"]
     assert res["auc_per_class"][0] == 1.0
-    assert math.isnan(ev.classification_metrics(probs[:, :2], np.zeros(3, int))["auc"])
+    assert math.isnan(mt.classification_metrics(probs[:, :2], np.zeros(3, int))["auc"])
     with pytest.raises(ValueError):
-        ev.classification_metrics(probs, np.array([0, 1, 3]))
+        mt.classification_metrics(probs, np.array([0, 1, 3]))
 
 
 def test_sliding_window_progress_bar_shows_an_eta(capsys: pytest.CaptureFixture) -> None:
@@ -406,7 +408,7 @@ def test_evaluate_console_summary_lists_mean_dice_and_nsd() -> None:
     pred[4:12, 4:12, 4:10] = 1  # Dice 2 * 384 / (384 + 512) = 6/7
     gt[20:28, 20:28, 20:28] = 2
     pred[20:28, 20:28, 20:28] = 2
-    case = ev.evaluate_case(pred, gt, spacing=(1.0, 1.0, 1.0), class_ids=[1, 2],
+    case = mt.evaluate_case(pred, gt, spacing=(1.0, 1.0, 1.0), class_ids=[1, 2],
                             class_names=["liver", "spleen"], nsd_tolerance_mm=1.0)
     lines = summary_lines({"summary": ev.summarize({"a": case})})
     assert lines[0].split() == ["class", "dice", "nsd"]

@@ -26,8 +26,8 @@ from mim3d.engine.downstream_run import build_network, split_cases
 from mim3d.engine.finetune import finetune
 from mim3d.engine.optim import warmup_cosine
 from mim3d.engine.predict import evaluate_run, load_run, predict_volume
-from mim3d.evaluation import dice
 from mim3d.factory import build_mim
+from mim3d.metrics import dice
 from mim3d.transfer import TransferError, export_encoder
 
 # Tiny and quick: 40^3 phantoms at 4 mm, 16^3 crops, the tiny encoder; the btcv preset otherwise.

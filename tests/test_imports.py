@@ -2,10 +2,10 @@
 
 Layers, lowest first; a module may import its own layer and the layers below, never above:
 
-0. ``mim3d`` (the package root: ``__version__``), ``masking``, ``kernels``
+0. ``mim3d`` (the package root: ``__version__``), ``masking``, ``kernels``, ``fileio``
 1. ``models``
 2. ``config`` (+ ``config_tree``), ``data``, ``factory``, ``losses``, ``transfer``,
-   ``evaluation``, ``integrations``, ``deploy``, ``hub``, ``runfolder``, ``viz``
+   ``evaluation``, ``metrics``, ``integrations``, ``deploy``, ``hub``, ``runfolder``, ``viz``
 3. ``engine``
 4. ``cli``, ``commands``, ``__main__``
 
@@ -26,10 +26,10 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "mim3d"
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("", "masking", "kernels"),
+    ("", "masking", "kernels", "fileio"),
     ("models",),
     ("config", "config_tree", "data", "factory", "losses", "transfer", "evaluation",
-     "integrations", "deploy", "hub", "runfolder", "viz"),
+     "metrics", "integrations", "deploy", "hub", "runfolder", "viz"),
     ("engine",),
     ("cli", "commands", "__main__"),
 )

@@ -24,6 +24,8 @@ from typing import Any
 
 from safetensors import safe_open
 
+from mim3d.fileio import read_json_object
+
 __all__ = ["CONFIG_FILE", "HF_PREFIX", "MODEL_CARD", "WEIGHTS_FILE", "HubError",
            "resolve_encoder", "write_hf_folder"]
 
@@ -50,11 +52,9 @@ def _check_folder(folder: Path, spec: str) -> Path:
     if missing:
         raise HubError(f"{spec}: Hugging Face folder {folder} lacks {' and '.join(missing)} "
                        f"(it needs {CONFIG_FILE} and {WEIGHTS_FILE}); {_REEXPORT}")
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HubError(f"{folder / CONFIG_FILE}: unreadable ({error}); {_REEXPORT}") from error
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    config = read_json_object(folder / CONFIG_FILE, lambda problem: HubError(
+        f"{folder / CONFIG_FILE}: {problem}; {_REEXPORT}"))
+    if config.get("format") != FORMAT:
         raise HubError(f"{folder / CONFIG_FILE}: not a mim3d encoder config (format "
                        f"{FORMAT!r} missing); {_REEXPORT}")
     weights = folder / WEIGHTS_FILE

@@ -22,6 +22,7 @@ imports no engine and no network code.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -30,6 +31,9 @@ from typing import Any, NamedTuple
 import yaml
 
 from mim3d.config import ConfigError, config_from_dict
+from mim3d.fileio import one_line, read_json_object
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BEST_DIR", "BEST_FILE", "CHECKPOINT_FILES", "CONFIG_FILE", "LATEST_FILE", "META_FILE",
@@ -37,7 +41,7 @@ __all__ = [
     "STATE_FILE", "STORE_DIR", "TENSORBOARD_DIR", "TRANSFER_REPORT_FILE", "CheckpointError",
     "Located", "checkpoint_name", "checkpoint_step", "find_best", "find_latest", "is_complete",
     "list_checkpoints", "locate_checkpoint", "read_checkpoint_config", "read_meta",
-    "read_run_config",
+    "read_run_config", "saved_finetune_run",
 ]  # fmt: skip
 
 CONFIG_FILE = "config.yaml"
@@ -150,12 +154,6 @@ def locate_checkpoint(path: str | os.PathLike[str]) -> Located:
 # ------------------------------------------------------------------------------ reading
 
 
-def one_line(error: BaseException, limit: int = 200) -> str:
-    """An error's text on one line, cut to ``limit`` characters."""
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def damaged(file: Path, problem: str) -> CheckpointError:
     """The error for a damaged checkpoint file (one line naming it and what to do)."""
     return CheckpointError(
@@ -175,12 +173,8 @@ def read_meta(folder: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{folder} is not a complete checkpoint (missing "
                               f"{', '.join(missing)}); pick another one or use find_latest")
-    try:
-        meta = json.loads((folder / META_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise damaged(folder / META_FILE, f"unreadable ({one_line(error)})") from error
-    if not isinstance(meta, dict):
-        raise damaged(folder / META_FILE, "not a JSON object")
+    meta = read_json_object(folder / META_FILE, lambda problem: damaged(folder / META_FILE,
+                                                                        problem))
     for file, size in (meta.get("files") or {}).items():
         actual = (folder / file).stat().st_size
         if actual != size:
@@ -224,3 +218,23 @@ def read_run_config(run_dir: Path, kind: str) -> Any | None:
             raise _config_error(path, exc) from None
     latest = find_latest(run_dir) if run_dir.is_dir() else None
     return read_checkpoint_config(latest, kind) if latest is not None else None
+
+
+def saved_finetune_run(out: Path, resume: bool) -> tuple[Any, dict[str, Any]] | None:
+    """The config and spec of a fine-tuning run being resumed (None: a new run).
+
+    Raises:
+        ConfigError: ``out`` holds checkpoints but ``resume`` is False (refuses to overwrite).
+    """
+    if not resume:
+        if out.is_dir() and find_latest(out) is not None:
+            raise ConfigError(f"run folder {out} already holds checkpoints; pass --resume to "
+                              "continue it or choose another --out")
+        return None
+    if not ((out / SPEC_FILE).is_file() and (out / CONFIG_FILE).is_file()):
+        return None
+    cfg = read_run_config(out, "downstream")
+    logger.info("--resume: using the run's own %s, %s and %s (--preset, --network, --size, "
+                "--pretrained, --lora-rank, --label-fraction and --fold are ignored)",
+                CONFIG_FILE, SPEC_FILE, SPLITS_FILE)
+    return cfg, json.loads((out / SPEC_FILE).read_text())

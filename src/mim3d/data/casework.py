@@ -29,6 +29,7 @@ from mim3d.data.manifest import HU_EDGES, CaseRecord
 from mim3d.data.preprocess import resample_to_spacing
 from mim3d.data.readers import read_volume, validate_volume
 from mim3d.data.volume import ImageReadError
+from mim3d.fileio import fsync_path, replace_folder
 
 __all__ = ["CaseJob", "prepare_case", "stale_temporaries", "write_case_dir"]
 
@@ -158,16 +159,9 @@ def write_case_dir(root: Path, name: str, arrays: dict[str, np.ndarray], record:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed case leaves nothing behind
         raise
-    final = cases / name
-    if final.exists():  # an update (e.g. a new label): move the old folder aside first
-        old = cases / f".{name}.old{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync(cases)
+    # an update (e.g. a new label) moves the old folder aside first
+    replace_folder(tmp, cases / name, cases / f".{name}.old{os.getpid()}")
+    fsync_path(cases)
     return record
 
 
@@ -187,8 +181,8 @@ def _fill_folder(tmp: Path, arrays: dict[str, np.ndarray], record: dict[str, Any
     (tmp / RECORD_JSON).write_text(json.dumps({"record": record, "format": fmt.name,
                                                "chunks": digests}) + "\n", encoding="utf-8")
     for path in tmp.iterdir():  # on disk before the rename makes the folder the case's
-        _fsync(path)
-    _fsync(tmp)
+        fsync_path(path)
+    fsync_path(tmp)
 
 
 def stale_temporaries(root: Path, name: str | None = None) -> list[Path]:
@@ -199,14 +193,6 @@ def stale_temporaries(root: Path, name: str | None = None) -> list[Path]:
     who = ".+" if name is None else re.escape(name)
     pattern = re.compile(rf"^\.{who}\.(tmp|old)\d+$")
     return [p for p in cases.iterdir() if pattern.match(p.name)]
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _to_int16(array: np.ndarray) -> np.ndarray:

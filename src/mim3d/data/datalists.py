@@ -34,12 +34,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mim3d.data.readers import (
-    SUPPORTED_EXTENSIONS,
-    image_extension,
-    is_dicom_file,
-    is_dicom_folder,
-)
+from mim3d.data.dicom import is_dicom_file, is_dicom_folder
+from mim3d.data.readers import SUPPORTED_EXTENSIONS, image_extension
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-import os
 import shutil
 import sys
 from collections import deque
@@ -56,6 +55,7 @@ from mim3d.data.store import (
     config_mismatch,
     read_store_info,
 )
+from mim3d.fileio import write_text_atomically
 
 __all__ = ["PrepareReport", "parse_shard", "prepare"]
 
@@ -222,9 +222,7 @@ def _init_store(root: Path, data: DataConfig, fmt: str | None) -> tuple[str, dic
                 "format_params": fmt_obj.params(), "data": to_dict(data),
                 "body_cell": BODY_CELL, "created": now()}
         (root / CASES_DIR).mkdir(exist_ok=True)
-        tmp = root / f".{STORE_JSON}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, meta)
+        write_text_atomically(meta, json.dumps(info, indent=2) + "\n")
         return fmt_obj.name, fmt_obj.params()
 
 

@@ -1,8 +1,8 @@
 """Read and write 3D medical images as RAS-oriented :class:`~mim3d.data.volume.Volume` objects.
 
 Formats: NIfTI (``.nii``, ``.nii.gz``) through nibabel; NRRD (``.nrrd``, ``.nhdr``) and
-MetaImage (``.mha``, ``.mhd``) through SimpleITK; a folder is read as a DICOM series through
-SimpleITK's GDCM series reader (pydicom only looks at header tags such as Modality).
+MetaImage (``.mha``, ``.mhd``) through SimpleITK; a folder is read as a DICOM series by
+:mod:`mim3d.data.dicom` (which series, when a folder holds several, is chosen there).
 
 Conventions every reader follows:
 
@@ -19,7 +19,6 @@ Conventions every reader follows:
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import nibabel as nib
@@ -27,15 +26,14 @@ import numpy as np
 import SimpleITK as sitk
 from nibabel import orientations as ornt_mod
 
-from mim3d.data.volume import ImageReadError, Volume
+from mim3d.data.dicom import is_dicom_file, read_dicom_folder
+from mim3d.data.sitk_io import LPS_TO_RAS, itk_error_line, read_error, sitk_to_array_affine
+from mim3d.data.volume import Volume
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "image_extension",
-    "is_dicom_file",
-    "is_dicom_folder",
     "read_volume",
-    "sitk_to_array_affine",
     "to_ras",
     "validate_volume",
     "write_volume",
@@ -53,8 +51,6 @@ _FORMATS = {
     ".mha": "metaimage",
     ".mhd": "metaimage",
 }
-# ITK works in LPS; NIfTI/RAS flips the first two world axes.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def image_extension(path: str | Path) -> str | None:
@@ -64,37 +60,6 @@ def image_extension(path: str | Path) -> str | None:
         if name.endswith(ext) and len(name) > len(ext):
             return ext
     return None
-
-
-def is_dicom_file(path: str | Path) -> bool:
-    """Return True if ``path`` is a file with the DICOM ``DICM`` marker (or a ``.dcm`` name)."""
-    p = Path(path)
-    if not p.is_file():
-        return False
-    if p.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
-def is_dicom_folder(path: str | Path) -> bool:
-    """Return True if the folder directly holds at least one DICOM file (hidden files ignored)."""
-    p = Path(path)
-    if not p.is_dir():
-        return False
-    return any(not f.name.startswith(".") and is_dicom_file(f) for f in sorted(p.iterdir()))
-
-
-def _fail(path: str | Path, what: str, todo: str) -> ImageReadError:
-    """Build the one-line error every reader raises."""
-    what = " ".join(str(what).split())  # library messages may span lines
-    if len(what) > 300:
-        what = what[:297] + "..."
-    return ImageReadError(f"{path}: {what}; {todo}")
 
 
 def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -143,15 +108,15 @@ def read_volume(path: str | Path, *, series_uid: str | None = None) -> Volume:
     """
     p = Path(path)
     if not p.exists():
-        raise _fail(p, "file or folder not found", "check the path and that the disk is mounted")
+        raise read_error(p, "file or folder not found", "check the path and that the disk is mounted")
     if p.is_dir():
-        array, affine, meta = _read_dicom_folder(p, series_uid)
+        array, affine, meta = read_dicom_folder(p, series_uid)
     else:
         ext = image_extension(p)
         if ext is None:
             if is_dicom_file(p):
-                raise _fail(p, "is a single DICOM file", "pass the folder holding its series")
-            raise _fail(
+                raise read_error(p, "is a single DICOM file", "pass the folder holding its series")
+            raise read_error(
                 p,
                 "unknown image file extension",
                 f"use one of {', '.join(SUPPORTED_EXTENSIONS)} or a DICOM series folder",
@@ -178,13 +143,13 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     except MemoryError:
         raise
     except Exception as err:  # nibabel/gzip/zlib raise many unrelated types
-        raise _fail(
+        raise read_error(
             path,
             f"cannot read as NIfTI ({type(err).__name__}: {err})",
             "the file is truncated, corrupt or not a NIfTI image; re-export or re-download it",
         ) from err
     if not np.all(np.isfinite(affine)):
-        raise _fail(path, "header affine has non-finite values", "fix the qform/sform of the file")
+        raise read_error(path, "header affine has non-finite values", "fix the qform/sform of the file")
     return array, affine, {}
 
 
@@ -218,137 +183,14 @@ def _read_sitk_file(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     except MemoryError:
         raise
     except Exception as err:  # SimpleITK raises RuntimeError with multi-line ITK text
-        raise _fail(
+        raise read_error(
             path,
-            f"SimpleITK cannot read it ({_first_itk_line(err)})",
+            f"SimpleITK cannot read it ({itk_error_line(err)})",
             "the file (or its detached data file) is missing, truncated or corrupt",
         ) from err
     array, affine = sitk_to_array_affine(image)
     return array, affine, {}
 
-
-def _first_itk_line(err: Exception) -> str:
-    """Condense an ITK exception: its ERROR line (minus the object prefix) and its last line."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    if not lines:
-        return type(err).__name__
-    head = next((ln for ln in lines if "ERROR" in ln), lines[0])
-    head = re.sub(r"^.*?ERROR:\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", head)
-    return head if lines[-1] in head else f"{head} {lines[-1]}"
-
-
-def sitk_to_array_affine(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Convert a SimpleITK image to an ``(x, y, z, ...)`` array and a RAS+ 4x4 affine.
-
-    ITK stores origin and direction in LPS; they are converted with diag(-1, -1, 1).
-    """
-    dim = image.GetDimension()
-    array = sitk.GetArrayFromImage(image)  # (z, y, x[, c]) for ITK's (x, y, z)
-    order = list(range(dim))[::-1] + list(range(dim, array.ndim))
-    array = np.transpose(array, order)
-    n = min(dim, 3)
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:n, :n]
-    lps = np.eye(4)
-    lps[:n, :n] = direction * np.asarray(image.GetSpacing()[:n], dtype=np.float64)
-    lps[:n, 3] = np.asarray(image.GetOrigin()[:n], dtype=np.float64)
-    return array, _LPS_TO_RAS @ lps
-
-
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read one DICOM series of ``folder`` (chosen by :func:`_choose_series`)."""
-    # GDCM prints a warning to stderr for a folder without DICOM; we raise a clearer error.
-    warnings_on = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except Exception as err:
-        raise _fail(folder, f"cannot scan for DICOM ({err})", "check folder permissions") from err
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_on)
-    if not uids:
-        raise _fail(
-            folder,
-            "folder holds no DICOM series",
-            "pass an image file or a folder of DICOM slices (resolve_inputs scans other folders)",
-        )
-    series = {uid: _series_info(folder, uid) for uid in sorted(uids)}
-    uid, note = _choose_series(folder, series, series_uid)
-    files = series[uid]["files"]
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except Exception as err:
-        raise _fail(
-            folder,
-            f"cannot read DICOM series {uid!r} ({_first_itk_line(err)})",
-            "check that the slices are complete and not corrupt",
-        ) from err
-    array, affine = sitk_to_array_affine(image)
-    info = series[uid]
-    meta = {"format": "dicom", "series_uid": uid, "series_note": note, "n_slices": len(files)}
-    meta.update(modality=info["modality"], series_description=info["description"])
-    # The slice files in the order of the array's third axis (before RAS reordering), so a
-    # DICOM SEG written later can reference each source instance.
-    meta["files"] = [str(f) for f in files]
-    meta["other_series"] = [u for u in series if u != uid]
-    return array, affine, meta
-
-
-def _series_info(folder: Path, uid: str) -> dict:
-    """Collect the sorted files, Modality and description of one series."""
-    import pydicom  # local: only DICOM folders need it
-
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
-    try:
-        ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
-    except (OSError, ValueError, pydicom.errors.InvalidDicomError):
-        # GDCM parsed it, so this is rare; an unknown modality keeps it out of the CT choice.
-        return {"files": files, "modality": "", "description": ""}
-    return {
-        "files": files,
-        "modality": str(ds.get("Modality", "") or "").strip().upper(),
-        "description": str(ds.get("SeriesDescription", "") or "").strip(),
-    }
-
-
-def _choose_series(
-    folder: Path, series: dict[str, dict], series_uid: str | None
-) -> tuple[str, str]:
-    """Pick the requested series, else the CT series with the most slices; explain the pick."""
-    def listed(skip: str | None = None) -> str:
-        return ", ".join(
-            f"{uid!r} ({info['modality'] or '?'}, {len(info['files'])} slices)"
-            for uid, info in series.items() if uid != skip
-        )
-
-    listing = listed()
-    if series_uid is not None:
-        if series_uid not in series:
-            raise _fail(
-                folder,
-                f"no DICOM series with SeriesInstanceUID {series_uid!r}",
-                f"choose one of: {listing}",
-            )
-        n = len(series[series_uid]["files"])
-        return series_uid, f"read requested series {series_uid!r} ({n} slices) in {folder}"
-    ct = [uid for uid, info in series.items() if info["modality"] == "CT"]
-    if not ct:
-        raise _fail(
-            folder,
-            f"no CT series among {len(series)} DICOM series [{listing}]",
-            "pass a CT series, or give series_uid to read another modality",
-        )
-    # Most slices wins; ties go to the smallest UID so the choice is deterministic.
-    best = max(sorted(ct), key=lambda uid: len(series[uid]["files"]))
-    n = len(series[best]["files"])
-    shown = best if best else "(empty SeriesInstanceUID)"
-    note = f"chose CT series {shown} ({n} slices) of {len(series)} series in {folder}"
-    others = listed(skip=best)
-    if others:
-        # Several series and no choice: say which one was read and how to pick another.
-        note += f"; others: {others} (choose one with --series UID)"
-    return best, note
 
 
 def validate_volume(vol: Volume) -> str | None:
@@ -406,7 +248,7 @@ def write_volume(vol: Volume, path: str | Path) -> None:
     if array.dtype == bool:
         array = array.astype(np.uint8)
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
-    lps = _LPS_TO_RAS @ affine  # the flip is its own inverse
+    lps = LPS_TO_RAS @ affine  # the flip is its own inverse
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     image.SetSpacing([float(s) for s in spacing])
     image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])

@@ -33,7 +33,8 @@ from mim3d.data.manifest import (
     read_quarantine,
 )
 from mim3d.data.remote import StoreFiles
-from mim3d.data.store import CASES_DIR, PreparedStore, read_store_info
+from mim3d.data.store import CASES_DIR, STORE_JSON, PreparedStore, read_store_info
+from mim3d.fileio import write_text_atomically
 
 __all__ = ["MergeReport", "VerifyReport", "merge_stores", "store_info", "verify_store"]
 
@@ -204,9 +205,8 @@ def _init_like(root: Path, info: dict[str, Any]) -> None:
     if any(not p.name.startswith(".") for p in root.iterdir()):
         raise ValueError(f"{root}: folder is not empty and not a store; choose a new --out")
     (root / CASES_DIR).mkdir(exist_ok=True)
-    tmp = root / f".store.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps({**info, "created": now()}, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, root / "store.json")
+    text = json.dumps({**info, "created": now()}, indent=2) + "\n"
+    write_text_atomically(root / STORE_JSON, text)
 
 
 def _merge_plan(parts: Sequence[str | Path], root: Path) -> list[tuple[str | Path, Any]]:

@@ -33,6 +33,7 @@ from torch import nn
 
 from mim3d import __version__
 from mim3d.engine.dist import capture_rng_state, gather_rng_states, get_rank, restore_rng_state
+from mim3d.fileio import fsync_path, replace_folder
 from mim3d.runfolder import (
     CHECKPOINT_FILES,
     LATEST_FILE,
@@ -128,32 +129,6 @@ def _fsync_write(path: Path, data: bytes | None = None) -> None:
             handle.write(data)
             handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Best effort: some platforms/file systems cannot open or fsync a directory."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``, moving an existing ``final`` aside first."""
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f"{final.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_pointer(run_dir: Path, name: str) -> None:
@@ -277,12 +252,12 @@ def _write_atomically(run_dir: Path, name: str, weights: dict[str, torch.Tensor]
         _fsync_write(tmp / META_FILE, json.dumps(meta, indent=2, default=str).encode())
         _fsync_write(tmp / MODEL_FILE)
         _fsync_write(tmp / STATE_FILE)
-        _replace_dir(tmp, final)  # the commit point: before it only the .tmp folder exists
+        replace_folder(tmp, final, final.with_name(f"{final.name}.old-{os.getpid()}"))  # the commit point: before it only the .tmp folder exists
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_pointer(run_dir, name)
-    _fsync_dir(run_dir)
+    fsync_path(run_dir)
     return final
 
 

@@ -20,6 +20,7 @@ from mim3d.config import PretrainConfig, load_config
 from mim3d.data.phantom import write_cohort
 from mim3d.data.prepare import prepare
 from mim3d.engine.pretrain import pretrain
+from mim3d.fileio import write_text_atomically
 from mim3d.runfolder import (
     METRICS_FILE,
     PICTURES_DIR,
@@ -105,9 +106,7 @@ def _read_record(path: Path, run_dir: Path, steps: int) -> DemoRecord:
 
 
 def _write_record(record: DemoRecord, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=1))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(asdict(record), indent=1))
 
 
 def _last_loss(run_dir: Path) -> tuple[float | None, int | None]:

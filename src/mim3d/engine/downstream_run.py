@@ -39,7 +39,8 @@ from mim3d.data.datalists import (
 )
 from mim3d.data.transforms import make_dataset, seg_label_ids
 from mim3d.engine.train import autocast_context
-from mim3d.evaluation import dice, sliding_window_predict
+from mim3d.evaluation import sliding_window_predict
+from mim3d.metrics import dice
 from mim3d.runfolder import SPEC_FORMAT
 
 __all__ = ["Item", "Splits", "add_lora", "build_network", "class_names", "datalist_items",

@@ -21,7 +21,8 @@ from mim3d.data.transforms import make_dataset, remap_labels
 from mim3d.engine.downstream_run import Item, datalist_items, predict_logits, read_cases
 from mim3d.engine.inference import LoadedRun, ReadCapture, load_run, segment_case
 from mim3d.engine.train import autocast_context
-from mim3d.evaluation import classification_metrics, evaluate_case, summarize, write_reports
+from mim3d.evaluation import summarize, write_reports
+from mim3d.metrics import classification_metrics, evaluate_case
 from mim3d.runfolder import SPLITS_FILE
 
 __all__ = ["evaluate_run", "evaluation_cases", "summary_lines"]
@@ -75,8 +76,8 @@ def evaluate_run(run: str | Path, *, data: str | Path, out_json: str | Path,
     """Score a fine-tuned run and write ``METRICS.json`` plus a per-case CSV beside it.
 
     Segmentation: Dice, NSD (the preset's tolerance) and HD95 per class and case on the
-    original grid, with mean ± std (``mim3d.evaluation``: absent-class rule and statistics are
-    written into the report). Classification: accuracy and AUC.
+    original grid, with mean ± std (``mim3d.metrics`` and ``mim3d.evaluation``: absent-class
+    rule and statistics are written into the report). Classification: accuracy and AUC.
 
     Args:
         run: the run folder of ``mim3d finetune`` (or an exported ``.onnx``).

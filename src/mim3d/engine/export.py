@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +36,7 @@ from torch import Tensor, nn
 from mim3d import __version__
 from mim3d.deploy.onnx_model import INPUT_NAME, METADATA_KEY, ONNX_FORMAT, OUTPUT_NAME
 from mim3d.engine.inference import LoadedRun, load_run
+from mim3d.fileio import write_atomically
 from mim3d.runfolder import CONFIG_FILE
 
 __all__ = ["EXPORT_FORMATS", "NETWORK_ATOL", "ONNX_OPSET", "TOLERANCE", "ExportError",
@@ -138,7 +137,7 @@ def _export_onnx(loaded: LoadedRun, out: Path) -> dict[str, Any]:
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)
     proto.producer_name, proto.producer_version = "mim3d", __version__
-    _atomic(out, lambda tmp: onnx.save(proto, str(tmp)))
+    write_atomically(out, lambda tmp: onnx.save(proto, str(tmp)))
     return meta
 
 
@@ -155,7 +154,7 @@ def trace_network(loaded: LoadedRun) -> tuple[torch.jit.ScriptModule, dict[str, 
 def save_torchscript(traced: torch.jit.ScriptModule, meta: dict[str, Any], out: Path) -> None:
     """``torch.jit.save`` with the metadata as the ``mim3d.json`` extra file, atomically."""
     extra = {TORCHSCRIPT_EXTRA: json.dumps(meta)}
-    _atomic(out, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
+    write_atomically(out, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
 
 
 def _export_torchscript(loaded: LoadedRun, out: Path) -> dict[str, Any]:
@@ -163,19 +162,6 @@ def _export_torchscript(loaded: LoadedRun, out: Path) -> dict[str, Any]:
     meta = export_metadata(loaded, TORCHSCRIPT_FORMAT, check)
     save_torchscript(traced, meta, out)
     return meta
-
-
-def _atomic(out: Path, write: Callable[[Path], None]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
 
 
 def export_run(run: str | Path, out: str | Path, *, fmt: str,

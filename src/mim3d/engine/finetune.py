@@ -55,6 +55,7 @@ from mim3d.engine.downstream_run import (
     score_case,
     split_cases,
 )
+from mim3d.engine.inference import resolve_device
 from mim3d.engine.loop import LoopSpec, run_loop
 from mim3d.engine.monitor import RunMonitor, signals_ignored, truncate_metrics
 from mim3d.engine.optim import make_optimizer
@@ -66,6 +67,7 @@ from mim3d.engine.train import (
     make_scaler,
     resolve_precision,
 )
+from mim3d.fileio import write_text_atomically
 from mim3d.runfolder import (
     BEST_DIR,
     BEST_FILE,
@@ -76,7 +78,7 @@ from mim3d.runfolder import (
     TRANSFER_REPORT_FILE,
     find_best,
     find_latest,
-    read_run_config,
+    saved_finetune_run,
 )
 
 __all__ = ["FinetuneResult", "finetune"]
@@ -111,14 +113,8 @@ class _Step:
     grad_norm: Tensor | float
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    write_text_atomically(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 class _Run:
@@ -127,7 +123,7 @@ class _Run:
     def __init__(self, cfg: FinetuneConfig, spec: dict[str, Any], run_dir: Path,
                  model: nn.Module, train_ds: Any, val_ds: Any, val_every: int) -> None:
         self.cfg, self.spec, self.run_dir, self.val_every = cfg, spec, run_dir, val_every
-        self.device = _device()
+        self.device = resolve_device("auto")
         self.model = model.to(self.device)
         self.train_ds, self.val_ds = train_ds, val_ds
         o = cfg.optim
@@ -246,26 +242,10 @@ class _Run:
 # ------------------------------------------------------------------------------ setup
 
 
-def _saved_run(out: Path, resume: bool) -> tuple[FinetuneConfig, dict[str, Any]] | None:
-    """The config and spec of a run being resumed; refuses to overwrite a run without --resume."""
-    if not resume:
-        if out.is_dir() and find_latest(out) is not None:
-            raise ConfigError(f"run folder {out} already holds checkpoints; pass --resume to "
-                              "continue it or choose another --out")
-        return None
-    if not ((out / SPEC_FILE).is_file() and (out / CONFIG_FILE).is_file()):
-        return None
-    cfg = read_run_config(out, "downstream")
-    logger.info("--resume: using the run's own %s, %s and %s (--preset, --network, --size, "
-                "--pretrained, --lora-rank, --label-fraction and --fold are ignored)",
-                CONFIG_FILE, SPEC_FILE, SPLITS_FILE)
-    return cfg, json.loads((out / SPEC_FILE).read_text())
-
-
 def _prepare(cfg: FinetuneConfig, out: Path, data: str | Path, opts: dict[str, Any],
              resume: bool) -> _Run:
     """Validate everything, build the network, resume, and only then write into ``out``."""
-    saved = _saved_run(out, resume)
+    saved = saved_finetune_run(out, resume)
     if saved is not None:
         cfg, spec = saved
         recorded = json.loads((out / SPLITS_FILE).read_text())
@@ -308,7 +288,7 @@ def _build_model(cfg: FinetuneConfig, spec: dict[str, Any], fresh: bool) -> nn.M
                              in_channels=spec["in_channels"], out_channels=spec["num_classes"],
                              roi=spec["roi"], grad_checkpointing=cfg.optim.grad_checkpointing)
     crops = cfg.task.num_samples if cfg.task.task == "seg" else 1  # seg items are crop lists
-    device = _device()
+    device = resolve_device("auto")
     check_step_memory(model, (cfg.optim.batch_size * crops, spec["in_channels"], *spec["roi"]),
                       device=device, precision=resolve_precision(device, cfg.optim.precision),
                       what=f"{spec['network']} --size {spec['size']}")

@@ -29,6 +29,7 @@ from nibabel import orientations as ornt
 from mim3d import __version__
 from mim3d.data import readers
 from mim3d.data.datalists import case_name
+from mim3d.data.dicom import is_dicom_folder
 from mim3d.data.readers import image_extension
 from mim3d.data.transforms import make_dataset
 from mim3d.data.volume import ImageReadError, Volume
@@ -175,7 +176,7 @@ def predict_case(loaded: LoadedRun, image: str | list[str], out: Path,
     """Segment one case with an already loaded network (see :func:`predict_volume`)."""
     check_output(out, options)
     first = image if isinstance(image, str) else image[0]
-    if options.output_type == "dicom-seg" and not readers.is_dicom_folder(first):
+    if options.output_type == "dicom-seg" and not is_dicom_folder(first):
         raise ValueError(f"{first}: --output-type dicom-seg needs a DICOM series folder as "
                          "input (a SEG references its source images)")
     timer, cfg = StageTimer(), loaded.cfg

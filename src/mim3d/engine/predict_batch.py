@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mim3d.data.datalists import CaseSpec, load_datalist, resolve_inputs
-from mim3d.data.readers import is_dicom_folder
+from mim3d.data.dicom import is_dicom_folder
 from mim3d.engine.predict import (
     PredictOptions,
     load_run_for_prediction,

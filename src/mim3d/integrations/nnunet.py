@@ -34,6 +34,7 @@ import SimpleITK as sitk
 import torch
 
 from mim3d import __version__
+from mim3d.fileio import read_json_object
 from mim3d.models.nnunet_net import MiMnnUNet, decoder_strides
 from mim3d.transfer import load_encoder_into, read_card
 
@@ -100,13 +101,8 @@ def find_dataset(dataset: str | int, folders: NnUNetFolders) -> str:
 def _read_json(path: Path, what: str, todo: str) -> dict[str, Any]:
     if not path.is_file():
         raise NnUNetError(f"{path}: no such {what}; {todo}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise NnUNetError(f"{path}: unreadable {what} ({error}); {todo}") from error
-    if not isinstance(data, dict):
-        raise NnUNetError(f"{path}: not a JSON object; {todo}")
-    return data
+    return read_json_object(path, lambda problem: NnUNetError(f"{path}: {what}: {problem}; "
+                                                              f"{todo}"))
 
 
 def _configuration(plans: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
@@ -245,8 +241,8 @@ class NnUNetHandoff:
         initialised: network keys freshly initialised from the seed (written to the file).
         skipped: keys not written (segmentation heads: nnU-Net initialises them) and encoder
             file keys the network does not use.
-        decisions: how the card and nnU-Net's plans were reconciled, one sentence each.
-        notes: the encoder transfer's notes (adapted tensors).
+        decisions: how the card and nnU-Net's plans were reconciled, then the encoder
+            transfer's notes (adapted tensors), one sentence each.
     """
 
     dataset: str
@@ -256,14 +252,13 @@ class NnUNetHandoff:
     initialised: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """Several lines: the transfer counts, the decisions and the notes."""
+        """Several lines: the transfer counts, then the decisions."""
         head = (f"transfer: {len(self.loaded)} encoder tensors loaded, {len(self.initialised)} "
                 f"initialised from the seed, {len(self.skipped)} skipped "
                 f"({', '.join(self.skipped[:2])}{', ...' if len(self.skipped) > 2 else ''})")
-        return "\n".join([head, *self.decisions, *self.notes])
+        return "\n".join([head, *self.decisions])
 
 
 def _network_weights(arch: dict[str, Any], channels: int, classes: int, encoder: Path,
@@ -386,7 +381,7 @@ def write_handoff(encoder: str | Path, dataset: str | int, *, configuration: str
     handoff = NnUNetHandoff(
         dataset=name, plans=folder / f"{plans_name}.json", weights=folder / WEIGHTS_FILE,
         loaded=report.loaded, initialised=[k for k in weights if k not in loaded],
-        skipped=heads + report.unexpected, decisions=decisions, notes=report.notes)
+        skipped=heads + report.unexpected, decisions=decisions + report.notes)
     source_info = {"encoder": str(encoder.resolve()), "seed": seed, "source_plans": source_plans}
     plans["mim3d"].update(source_info)
     _write_pair({"network_weights": weights, "mim3d": {**source_info, "plans": plans_name}},

@@ -20,10 +20,10 @@ from torch import Tensor, nn
 
 from mim3d import __version__
 from mim3d.config import PretrainConfig
+from mim3d.fileio import one_line
 from mim3d.models.hybrid import HybridEncoder
 from mim3d.models.swinssl import swin_encoder
 from mim3d.models.vit import ViTEncoder
-from mim3d.runfolder import one_line
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TransferError", "TransferReport", "encoder_from_card",
            "read_card"]

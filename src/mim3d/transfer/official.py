@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from mim3d.config import load_config
+from mim3d.fileio import one_line
 from mim3d.models.hybrid import HybridEncoder, official_key_to_mim3d
 from mim3d.models.layers import sincos_pos_embed_3d
-from mim3d.runfolder import one_line
 from mim3d.transfer.card import (
     DAMAGED,
     TransferReport,

@@ -15,8 +15,7 @@ exactly that, so a picture is drawn with ``imshow(origin="upper")`` and no axis 
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -24,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from mim3d.fileio import write_atomically
+
 __all__ = ["VIEWS", "View", "box_to_display", "display_plane", "draw_plane", "figure_rgb",
-           "hu_window_of", "save_figure", "slice_title", "spacing_of", "window_caption",
-           "write_png_atomically"]
+           "hu_window_of", "save_figure", "slice_title", "spacing_of", "window_caption"]
 
 
 @dataclass(frozen=True)
@@ -171,22 +171,6 @@ def figure_rgb(fig: Any) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def write_png_atomically(path: str | PathLike, write: Callable[[Path], None]) -> Path:
-    """Run ``write(temp_path)`` and rename the PNG into place, so no half-written file remains.
-
-    Parent folders are created. Returns the final path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def save_figure(fig: Any, path: str | PathLike) -> Path:
-    """Write a matplotlib Figure as PNG (atomically, see :func:`write_png_atomically`)."""
-    return write_png_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    """Write a matplotlib Figure as PNG (atomically, see :func:`mim3d.fileio.write_atomically`)."""
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mim3d.fileio import write_atomically
 from mim3d.masking import unpatchify
 from mim3d.viz.levels import mask_layer
 from mim3d.viz.planes import (
@@ -18,7 +19,6 @@ from mim3d.viz.planes import (
     draw_plane,
     figure_rgb,
     window_caption,
-    write_png_atomically,
 )
 
 __all__ = ["MASK_FILL", "reconstruction_picture", "reconstruction_volumes",
@@ -234,7 +234,7 @@ def save_reconstruction_png(output: Any, path: str | PathLike, *, patch_size: in
 
     picture = reconstruction_picture(output, patch_size=patch_size, norm_pix=norm_pix,
                                      sample=sample, volume=volume, hu_window=hu_window)
-    write_png_atomically(path, lambda tmp: imsave(tmp, picture, format="png"))
+    write_atomically(path, lambda tmp: imsave(tmp, picture, format="png"))
     return picture
 
 
@@ -263,5 +263,5 @@ def save_inpainting_png(targets: Sequence[Tensor], inputs: Sequence[Tensor],
         volumes, [None] * len(volumes), labels,
         f"Swin-UNETR SSL inpainting, sample {sample} (central slices of rotated views, so no "
         f"anatomical markers); {window_caption(hu_window)}", markers=False))
-    write_png_atomically(path, lambda tmp: imsave(tmp, picture, format="png"))
+    write_atomically(path, lambda tmp: imsave(tmp, picture, format="png"))
     return picture

@@ -1,13 +1,9 @@
-"""Losses of pre-training: MiM's masked reconstruction, cross-level alignment and level
-weights, and the Swin-UNETR SSL baseline's rotation + contrastive + inpainting loss.
+"""MiM's pre-training loss: masked reconstruction plus cross-level InfoNCE / BYOL alignment.
 
-Everything here is a pure function of tensors (no state, no ``nn.Module``), so the functions can
-be tested against hand-written loops and reused by baselines (MAE3D uses
-:func:`reconstruction_loss` alone).
-
-The models return objects with ``.levels`` (see :class:`MiMOutputLike`) or the three SSL heads
-(:class:`SwinSSLOutputLike`); this module only relies on those shapes and never imports the
-model code.
+Pure functions of tensors (no state, no ``nn.Module``), testable against hand-written loops and
+reusable by baselines (MAE3D uses :func:`reconstruction_loss` alone). The model returns an object
+with ``.levels`` (see :class:`MiMOutputLike`); this module only relies on those shapes and never
+imports the model code.
 
 Conventions (see DESIGN.md §1):
 
@@ -32,11 +28,10 @@ from torch import Tensor
 
 # one definition of the choices: the config validates them, the losses dispatch on them
 from mim3d.config import ALIGNMENTS
-from mim3d.config import SCHEDULES as LEVEL_SCHEDULES
 
-__all__ = ["ALIGNMENTS", "LEVEL_SCHEDULES", "LevelOutputLike", "MiMOutputLike",
-           "SwinSSLOutputLike", "byol_alignment", "infonce_alignment", "level_weights",
-           "mim_loss", "nt_xent", "reconstruction_loss", "swin_ssl_loss"]
+__all__ = ["ALIGNMENTS", "LevelOutputLike", "MiMOutputLike", "byol_alignment",
+           "infonce_alignment", "mim_loss", "reconstruction_loss"]
+
 
 class LevelOutputLike(Protocol):
     """What the losses read from one level of a MiM forward pass.
@@ -58,14 +53,6 @@ class MiMOutputLike(Protocol):
     """Any object with a ``levels`` sequence, coarsest level first."""
 
     levels: Sequence[LevelOutputLike]
-
-
-class SwinSSLOutputLike(Protocol):
-    """What :func:`swin_ssl_loss` reads from one view's Swin-UNETR SSL output."""
-
-    rotation: Tensor  # (B, R) rotation logits
-    contrastive: Tensor  # (B, P) un-normalised embedding
-    reconstruction: Tensor  # (B, C, D, H, W) inpainted volume
 
 
 def reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, *, norm_pix: bool = True,
@@ -202,65 +189,6 @@ def byol_alignment(context: Tensor, unit_features: Tensor, parent: Tensor,
     return (2.0 - 2.0 * (c * p).sum(dim=-1)).mean()
 
 
-def _start_weight(schedule: str, level: int, levels: int) -> float:
-    """Weight of ``level`` (1-based) at progress 0 for the level-dependent schedules."""
-    if level == 1:
-        return 1.0
-    if levels == 2:  # level 2 is the last level: the last-level rule applies
-        frac = 1.0
-    else:  # 0 at level 2, 1 at level L, linear in between
-        frac = (level - 2) / (levels - 2)
-    if schedule == "coarse_to_fine":
-        return 2.0 - 2.0 * frac
-    return 2.0 * frac  # fine_to_coarse
-
-
-def level_weights(schedule: str, *, levels: int, progress: float) -> list[float]:
-    """Per-level reconstruction weights ``w_l`` at a point of training (Table XII).
-
-    All schedules are linear in ``progress`` from a start weight to an end weight:
-
-    * ``"concurrent"`` (the paper's "Simultaneously", its best and mim3d's default): all 1.
-    * ``"coarse_to_fine"``: level 1 stays 1; level 2 goes 2 -> 1; the last level 0 -> 1.
-      For ``L > 3`` the start weights of levels 2..L are interpolated linearly between 2 and 0.
-    * ``"fine_to_coarse"``: level 1 stays 1; level 2 goes 0 -> 1; the last level 2 -> 1
-      (interpolated likewise for ``L > 3``).
-    * ``"level1_only"`` (Table XII's "w/o Coarse & Fine" row): level 1 is 1, the others 0.
-      The paper's text says "all weights set to 0", but its table merges the level-1 cell as
-      1 -> 1 for every row; a run with no loss at all would not be pre-training.
-
-    With ``L = 2`` the second level is the last one, and the last-level rule wins (start 0 for
-    coarse-to-fine, 2 for fine-to-coarse).
-
-    Args:
-        schedule: one of :data:`LEVEL_SCHEDULES`.
-        levels: number of levels ``L >= 1``.
-        progress: fraction of training done, in [0, 1].
-
-    Returns:
-        ``L`` weights, level 1 first.
-
-    Raises:
-        ValueError: on an unknown schedule, ``levels < 1`` or ``progress`` outside [0, 1].
-    """
-    if schedule not in LEVEL_SCHEDULES:
-        raise ValueError(f"unknown level-weight schedule {schedule!r}; valid: "
-                         f"{', '.join(LEVEL_SCHEDULES)}")
-    if levels < 1:
-        raise ValueError(f"levels must be >= 1; got {levels}")
-    if not 0.0 <= progress <= 1.0:
-        raise ValueError(f"progress must lie in [0, 1]; got {progress}")
-    if schedule == "concurrent":
-        return [1.0] * levels
-    if schedule == "level1_only":
-        return [1.0] + [0.0] * (levels - 1)
-    weights = []
-    for level in range(1, levels + 1):
-        start = _start_weight(schedule, level, levels)
-        weights.append(start + (1.0 - start) * progress)
-    return weights
-
-
 def _flags(values: Sequence[bool] | None, n: int, name: str) -> list[bool]:
     """Default a per-level/per-pair switch list to all True and check its length."""
     if values is None:
@@ -314,7 +242,8 @@ def mim_loss(out: MiMOutputLike, *, norm_pix: bool = True, alpha: float = 0.1,
         temperature: InfoNCE temperature.
         recon_levels: ``L`` switches for the reconstruction terms (Table VIII); default all on.
         align_pairs: ``L - 1`` switches for the alignment terms; default all on.
-        weights: ``L`` level weights ``w_l`` (e.g. from :func:`level_weights`); default all 1.
+        weights: ``L`` level weights ``w_l`` (e.g. from
+            :func:`~mim3d.losses.schedules.level_weights`); default all 1.
 
     Returns:
         ``{"loss": total, "recon_<l>": ..., "align_<l>_<l+1>": ...}`` with one entry per
@@ -349,57 +278,3 @@ def mim_loss(out: MiMOutputLike, *, norm_pix: bool = True, alpha: float = 0.1,
             terms[f"align_{pair}"] = term
             total = total + alpha * term
     return {"loss": total, **terms}
-
-
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
-    """NT-Xent (SimCLR) loss between two views of the same B samples.
-
-    Each of the 2B embeddings has its other view as the positive and the remaining 2B - 2 as
-    negatives; the loss is the mean over all 2B anchors of
-    ``-log(exp(s_pos / t) / sum_{k != anchor} exp(s_k / t))`` with cosine similarities ``s``.
-    With B = 1 there are no negatives and the loss is exactly 0.
-
-    Args:
-        z1: (B, P) embeddings of view 1.
-        z2: (B, P) embeddings of view 2.
-        temperature: t > 0.
-
-    Returns:
-        Scalar float32 tensor.
-    """
-    if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f"z1, z2 must both be (B, P), got {tuple(z1.shape)}, {tuple(z2.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    b = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    logits = z @ z.t() / temperature
-    self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))  # an anchor is not its own negative
-    target = (torch.arange(2 * b, device=z.device) + b) % (2 * b)
-    return F.cross_entropy(logits, target)
-
-
-def swin_ssl_loss(out1: SwinSSLOutputLike, out2: SwinSSLOutputLike, rot_targets1: Tensor,
-                  rot_targets2: Tensor, x1: Tensor, x2: Tensor, *, temperature: float = 0.5,
-                  weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict[str, Tensor]:
-    """Total Swin-UNETR SSL loss (Tang et al., CVPR 2022): rotation CE + NT-Xent + L1 inpainting.
-
-    Args:
-        out1, out2: model outputs of the two augmented views.
-        rot_targets1, rot_targets2: (B,) Long rotation labels of the views.
-        x1, x2: (B, C, D, H, W) inpainting targets (the rotated views *before* cutout).
-        temperature: NT-Xent temperature (0.5 in the paper).
-        weights: (rotation, contrastive, reconstruction) weights (all 1 in the paper).
-
-    Returns:
-        ``{"loss", "rotation", "contrastive", "reconstruction"}`` scalar float32 tensors. The
-        rotation CE and the L1 are means over both views (all samples, all voxels).
-    """
-    rot = F.cross_entropy(torch.cat([out1.rotation, out2.rotation]).float(),
-                          torch.cat([rot_targets1, rot_targets2]))
-    con = nt_xent(out1.contrastive, out2.contrastive, temperature)
-    rec = F.l1_loss(torch.cat([out1.reconstruction, out2.reconstruction]).float(),
-                    torch.cat([x1, x2]).float())
-    total = weights[0] * rot + weights[1] * con + weights[2] * rec
-    return {"loss": total, "rotation": rot, "contrastive": con, "reconstruction": rec}
