@@ -5,7 +5,7 @@ so that other load on the machine hits all of them alike:
 
 * **bytes**: the four real CTs of ``../shared/data/ct`` (the DICOM series written once as
   .nii.gz for the reference) prepared at native spacing and at 1.5 mm into ``npy`` and
-  ``blosc2`` stores, plus a Zarr v3 copy of the npy store (blosc LZ4 + shuffle, 64^3 chunks,
+  ``blosc2`` stores, plus a Zarr v3 copy of the npy store (blosc, the blosc2 store's codec and chunks,
   the ecosystem's chunked format); ratio = store case files / .nii.gz sources.
 * **crop speed**: a phantom cohort (``mim3d.data.phantom``) at native 0.8 mm, random 192^3
   crops through ``PretrainCropDataset`` (windowed float32) for npy and blosc2, and the same
@@ -87,7 +87,8 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _zarr_copy(npy_store: Path, out: Path) -> Path:
-    """The npy store's images as Zarr v3 arrays (blosc LZ4 + shuffle, the blosc2 chunking)."""
+    """The npy store's images as Zarr v3 arrays (blosc with the blosc2 store's codec, level,
+    shuffle and chunks)."""
     import zarr
     from zarr.codecs import BloscCodec
 
@@ -96,8 +97,9 @@ def _zarr_copy(npy_store: Path, out: Path) -> Path:
         image = np.asarray(store.image(i))
         chunks = tuple(min(c, n) for c, n in zip(BLOSC2_DEFAULTS["chunks"], image.shape))
         z = zarr.create_array(out / store.index.name(i), shape=image.shape, dtype="int16",
-                              chunks=chunks, compressors=[BloscCodec(cname="lz4", clevel=5,
-                                                                     shuffle="shuffle")])
+                              chunks=chunks, compressors=[BloscCodec(
+                                  cname=BLOSC2_DEFAULTS["codec"].lower(),
+                                  clevel=BLOSC2_DEFAULTS["clevel"], shuffle="shuffle")])
         z[...] = image
     return out
 
@@ -302,8 +304,8 @@ def _summary(cfg: dict[str, Any], speed: dict[str, Any], monai: float, real: Any
                         "python": platform.python_version(), "torch": torch.__version__,
                         "numpy": np.__version__, "platform": platform.platform(),
                         "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
-                        "note": "shared 2-core machine, other engineers' jobs running: absolute "
-                                "figures are low and noisy, ratios were measured side by side"}}
+                        "note": "ratios were measured side by side; absolute figures depend on "
+                                "the load averages above"}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,3 +105,29 @@ def test_unreachable_or_missing_remote_store_is_one_clear_line(
     assert main(["store", "info", f"s3://{BUCKET}/blosc2/store"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read store.json" in err[0] and "credentials" in err[0]
+
+
+def test_pretrain_trains_on_an_s3_store(s3_env: str, tmp_path: Path,
+                                        synthetic_store: Path) -> None:
+    """`mim3d pretrain --data s3://...` reads the remote store (never prepares it) and its first
+    step's loss equals the same run's on the local copy: the same crops reached the model."""
+    import json
+
+    from conftest import SHRINK
+
+    from mim3d.data.prepare import prepare
+
+    src = Path(PreparedStore.open(synthetic_store).cases[0].source).parent
+    local = tmp_path / "store"
+    prepare([src], local, data=DataConfig(), workers=0, progress=False, fmt="blosc2")
+    url = f"s3://{BUCKET}/pretrain/store"
+    _upload(local, url)
+    losses = []
+    for data, run in ((url, tmp_path / "remote_run"), (str(local), tmp_path / "local_run")):
+        argv = ["pretrain", "--data", data, "--out", str(run), "--preset", "tiny",
+                "--max-steps", "1"]
+        assert main(argv + [a for item in SHRINK for a in ("--set", item)]) == 0
+        assert not (run / "store").exists()  # the store was read where it is, not prepared
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses.append(next(r["loss"] for r in rows if "loss" in r))
+    assert losses[0] == losses[1]
