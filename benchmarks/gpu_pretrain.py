@@ -10,8 +10,9 @@ one process:
   term and the gradient norm read on the host after each step (the old loop's syncs).
 * ``after``   the defaults: one pass over the levels, the Triton depthwise conv, conv blocks
   recomputed in backward (CUDA), fused AdamW, pinned batches, no per-step reads.
-* memory options (at batch 1 and the largest batch): ``after`` without conv recompute, and with
-  transformer-block checkpointing on top, so the speed cost of each is measured.
+* memory options (at batch 1 and the largest batch): ``after`` without conv recompute, with
+  transformer-block checkpointing on top, and with bf16 saved activations on top, so the speed
+  cost of each is measured.
 * baselines at their best batch: hybrid MAE, MAE3D, Swin-SSL (Table XI re-measured).
 
 Timing: warm-up steps, then the wall time of N consecutive steps between two device syncs
@@ -77,7 +78,8 @@ BEFORE = Variant("before", ("model.one_pass=never", "model.depthwise_impl=cudnn"
                  pinned=False)
 AFTER = Variant("after")
 MEMORY = (Variant("after_no_conv_recompute", ("optim.conv_recompute=never",)),
-          Variant("after_plus_block_checkpointing", ("optim.grad_checkpointing=true",)))
+          Variant("after_plus_block_checkpointing", ("optim.grad_checkpointing=true",)),
+          Variant("after_plus_bf16_saved", ("optim.saved_activations=bf16",)))
 COMPILED = Variant("after_compiled", ("train.compile=true",))
 ONE_LEVEL = ("geometry.mask_ratios=[0.6]", "geometry.gammas=[]", "loss.alignment=none")
 SHRUNK = ("model.dims=[8,16,32,64]", "model.depths=[1,1,1,1]", "model.num_heads=2",

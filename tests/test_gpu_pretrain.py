@@ -68,4 +68,5 @@ def test_quick_run_writes_every_result(tmp_path: Path, capsys: pytest.CaptureFix
         assert sum(prof["seconds"].values()) == pytest.approx(prof["wall_s"], rel=0.05)
         assert prof["seconds"]["convs_and_linears"] > 0 and prof["seconds"]["optimizer"] > 0
     assert {r["variant"] for r in doc["rows"]} == {
-        "before", "after", "after_no_conv_recompute", "after_plus_block_checkpointing"}
+        "before", "after", "after_no_conv_recompute", "after_plus_block_checkpointing",
+        "after_plus_bf16_saved"}

@@ -190,6 +190,8 @@ class OptimConfig:
 
     ``grad_checkpointing`` recomputes the transformer blocks in backward; ``conv_recompute``
     the hybrid encoder's conv blocks (most of a step's memory): ``auto`` = on CUDA only.
+    ``saved_activations``: ``bf16`` keeps the float32 tensors autograd saves for backward in
+    bfloat16 (half their memory, gradients rounded alike), ``fp32`` as computed.
     """
 
     lr: float = 1e-4
@@ -204,10 +206,13 @@ class OptimConfig:
     precision: str = "auto"
     grad_checkpointing: bool = False
     conv_recompute: str = "auto"
+    saved_activations: str = "fp32"
 
     def __post_init__(self) -> None:
         _check(self.conv_recompute in ("auto", "always", "never"), "optim.conv_recompute",
                self.conv_recompute, "choose auto (CUDA only), always or never")
+        _check(self.saved_activations in ("fp32", "bf16"), "optim.saved_activations",
+               self.saved_activations, "choose fp32 or bf16")
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         _check(self.total_steps >= 1, "optim.total_steps", self.total_steps, "must be >= 1")
         _check(0 <= self.warmup_steps < self.total_steps, "optim.warmup_steps",

@@ -103,6 +103,30 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _pack_bf16(t: Tensor) -> tuple[Tensor, torch.dtype | None]:
+    # weights stay as they are: they are alive anyway, a bf16 copy would add memory
+    if t.dtype != torch.float32 or isinstance(t, nn.Parameter):
+        return t, None
+    return t.to(torch.bfloat16), torch.float32
+
+
+def _unpack_bf16(packed: tuple[Tensor, torch.dtype | None]) -> Tensor:
+    t, dtype = packed
+    return t if dtype is None else t.to(dtype)
+
+
+def saved_activations_context(mode: str) -> contextlib.AbstractContextManager:
+    """Autograd's saved tensors in bfloat16 (``mode="bf16"``), else as computed.
+
+    Under bf16 autocast the inputs of matmuls and convs are already saved in bf16; what this
+    halves is the float32 rest (norms, activations, residual sums, the loss's terms). Backward
+    reads them back as float32, so its arithmetic is unchanged but sees rounded inputs.
+    """
+    if mode == "fp32":
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_pack_bf16, _unpack_bf16)
+
+
 def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
     """A GradScaler when the run computes in fp16 (bf16 and fp32 need none)."""
     if resolve_precision(device, precision) != "fp16":
@@ -191,7 +215,8 @@ def _mim_forward(model: nn.Module, x: Tensor, generator: torch.Generator, cfg: P
     """Masks for every level, the MiM forward and its loss terms."""
     masks = masks_to_device(sample_levels(x.shape[0], geometry, generator,
                                           source=cfg.geometry.source), device)
-    with autocast_context(device, cfg.optim.precision):
+    with autocast_context(device, cfg.optim.precision), \
+            saved_activations_context(cfg.optim.saved_activations):
         output = model(x, masks)
         return compute_losses(output, cfg, step), output
 
@@ -203,7 +228,8 @@ def _swinssl_forward(model: nn.Module, x: Tensor, generator: torch.Generator,
     rotation + contrastive + inpainting loss."""
     views = make_two_views(x, generator, plane=AXIAL_PLANE)
     b = x.shape[0]
-    with autocast_context(device, cfg.optim.precision):
+    with autocast_context(device, cfg.optim.precision), \
+            saved_activations_context(cfg.optim.saved_activations):
         out = model(torch.cat(views.inputs))
         first, second = (SwinSSLOutput(out.rotation[s], out.contrastive[s], out.reconstruction[s])
                          for s in (slice(0, b), slice(b, 2 * b)))
