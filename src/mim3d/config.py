@@ -190,8 +190,7 @@ class OptimConfig:
 
     ``grad_checkpointing`` recomputes the transformer blocks in backward; ``conv_recompute``
     the hybrid encoder's conv blocks (most of a step's memory): ``auto`` = on CUDA only.
-    ``saved_activations``: ``bf16`` keeps the float32 tensors autograd saves for backward in
-    bfloat16 (half their memory, gradients rounded alike), ``fp32`` as computed.
+    ``saved_activations=bf16`` keeps autograd's saved float32 tensors in bfloat16 (half memory).
     """
 
     lr: float = 1e-4
