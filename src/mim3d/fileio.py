@@ -1,10 +1,9 @@
 """Atomic file writes and checked JSON reads: one definition for every index and report.
 
-A written file or folder appears whole under its final name, or not at all.
-
-A kill mid-write (SIGKILL, power loss, a full disk) then leaves at most a hidden temporary
-``.<name>.partial-<pid>`` beside the target, which the next write replaces; readers never see
-half a checkpoint, store index, report or picture. Standard library only.
+A written file or folder appears whole under its final name, or not at all: a kill mid-write
+(SIGKILL, power loss, a full disk) leaves at most a hidden temporary ``.<name>.partial-<pid>``
+beside the target, which the next write replaces, so readers never see half a checkpoint,
+store index, report or picture. Standard library only.
 """
 
 from __future__ import annotations

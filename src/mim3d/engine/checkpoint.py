@@ -252,7 +252,8 @@ def _write_atomically(run_dir: Path, name: str, weights: dict[str, torch.Tensor]
         _fsync_write(tmp / META_FILE, json.dumps(meta, indent=2, default=str).encode())
         _fsync_write(tmp / MODEL_FILE)
         _fsync_write(tmp / STATE_FILE)
-        replace_folder(tmp, final, final.with_name(f"{final.name}.old-{os.getpid()}"))  # the commit point: before it only the .tmp folder exists
+        # the commit point: before it only the .tmp folder exists
+        replace_folder(tmp, final, final.with_name(f"{final.name}.old-{os.getpid()}"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
