@@ -165,6 +165,17 @@ def test_readme_benchmark_figures_quote_the_committed_json() -> None:
     for figure in (f"| 1 ({speed['warm']['npy']:.1f}/s) |", f"| 1 ({speed['cold']['npy']:.1f}/s) |",
                    f"on-the-fly pipeline ({dt['monai_crops_per_s']:.2f}/s)"):
         assert figure in readme, figure
+    lim = _result("store_limits")
+    ms, parts = lim["warm"]["ms_per_crop"], lim["bytes_1p5mm"]["ratio_vs_nii_gz"]
+    row = _readme_row("| store limits |")
+    now, bound = lim["warm_crop_ratio_now"], lim["warm_crop_ratio_decode_bound"]
+    for figure in ((f"npy {ms['npy']:.1f} + window {ms['window']:.1f} ms vs blosc2 "
+                    f"{ms['blosc2']:.1f} + {ms['window']:.1f} ms ({now:.2f}x)"),
+                   f"{bound:.2f}x if the touched blocks",
+                   (f"1.5 mm bytes {parts['default']:.2f}x the .nii.gz, "
+                    f"{parts['zstd9_bytedelta']:.2f}x with ZSTD-9"),
+                   f"{parts['coarse_axes_kept']:.2f}x with coarse axes kept"):
+        assert figure in row, (figure, row)
     pt = _result("pretrain_throughput")
     row = _readme_row("| pre-training throughput |")
     for size in ("tiny", "small"):

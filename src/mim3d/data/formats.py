@@ -5,9 +5,9 @@ Both keep int16 HU losslessly and read a crop without the whole volume:
 * ``npy``: C-order raw arrays; a crop reads the (y, all z) rows of the x-planes it touches
   (:func:`mim3d.data.crops.read_npy_crop`). No dependency, biggest on disk.
 * ``blosc2``: a ``.b2nd`` frame of chunks sized for the level-1 crop (64^3), each split into
-  16^3 blocks that are compressed on their own (LZ4 + byte shuffle by default), so a crop
-  decompresses only the blocks it touches. Chosen over Zarr v3 by measurement
-  (``benchmarks/data_throughput.py``: same bytes, about twice Zarr's crop speed).
+  32^3 blocks that are compressed on their own (:data:`BLOSC2_DEFAULTS`), so a crop
+  decompresses only the blocks it touches; files are memory-mapped. Chosen over Zarr v3 by
+  measurement (``benchmarks/data_throughput.py``: same bytes, about 4x Zarr's crop speed).
 
 Each format also lists a digest per chunk, so ``mim3d store verify`` can name the damaged chunk
 (a ``.npy`` "chunk" is a slab of :data:`NPY_SLAB` x-planes).
@@ -161,7 +161,9 @@ class Blosc2Format(ArrayFormat):
     def open(self, path: Path) -> Any:
         blosc2 = self._blosc2()
         try:
-            return blosc2.open(str(path), mode="r", dparams=_ONE_THREAD)
+            # Memory-mapped: a crop's chunks are read without one read() call and copy each,
+            # which is a quarter of a 192^3 crop's time (benchmarks/store_limits.py).
+            return blosc2.open(str(path), mmap_mode="r", dparams=_ONE_THREAD)
         except (RuntimeError, ValueError, OSError) as err:
             raise DamagedArrayError(f"{path}: cannot open as blosc2 ({err})") from None
 
