@@ -118,6 +118,23 @@ def test_verify_names_the_damaged_chunk_and_case(pair: dict[str, Path], tmp_path
         assert other.read_crop(0, (0, 0, 0), (8, 8, 8)).shape == (8, 8, 8)
 
 
+def test_a_truncated_image_is_one_error_line_and_the_rest_stays_usable(
+        pair: dict[str, Path], tmp_path: Path) -> None:
+    """Cut in half on disk (both formats; blosc2 files are memory-mapped): reading it raises the
+    store's one-line error naming the file, verify reports the case, other cases still read."""
+    for fmt, path in pair.items():
+        store = tmp_path / fmt
+        shutil.copytree(path, store)
+        image = next((store / "cases" / "case1").glob("image.*"))
+        image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+        opened = PreparedStore.open(store)
+        with pytest.raises(ValueError, match="cannot open") as err:
+            opened.read_crop(1, (0, 0, 0), (8, 8, 8))
+        assert str(image) in str(err.value) and "\n" not in str(err.value)
+        assert opened.read_crop(0, (0, 0, 0), (8, 8, 8)).shape == (8, 8, 8)
+        assert verify_store(store).damaged_cases == ["case1"]
+
+
 def test_v1_store_stays_readable_and_newer_versions_are_refused(
         pair: dict[str, Path], sources: Path, tmp_path: Path) -> None:
     v1 = tmp_path / "v1"
