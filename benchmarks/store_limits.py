@@ -16,7 +16,9 @@ run, side by side:
   smallest lossless setting measured (ZSTD-9 + shuffle + byte-delta; its compressed size in
   memory, without the frame's few hundred bytes of header). A third store keeps every
   axis whose source is coarser than 1.5 mm at its source spacing (spacing = max(source, 1.5 mm)
-  per axis). This is what a store would hold if it resampled on read.
+  per axis). This is what a store would hold if it resampled on read. What resampling on read
+  would cost is timed too: one crop's 2x linear upsampling along one axis in numpy (float32,
+  the coarse box ``(crop, crop, crop / 2 + 1)``), along the contiguous z axis and along x.
 
     PYTHONPATH=src .venv/bin/python benchmarks/store_limits.py           # ~3 min, idle machine
     PYTHONPATH=src .venv/bin/python benchmarks/store_limits.py --quick   # smoke run, seconds
@@ -176,6 +178,30 @@ def _bytes(work: Path, quick: bool) -> dict[str, Any]:
     return {"cases": rows, "ratio_vs_nii_gz": {k: sum(v) / nii for k, v in settings.items()}}
 
 
+def _upsample_ms(crop: int) -> dict[str, float]:
+    """Milliseconds (median of 5) to upsample a coarse box 2x along z or x to a ``crop``^3 crop:
+    ``out[p] = a[i0] * (1 - f) + a[i1] * f`` with ``x = p / 2``, numpy float32."""
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(-1000, 1000, size=(crop, crop, crop // 2 + 1), dtype=np.int16)
+    x = np.arange(crop) / 2.0
+    i0 = np.floor(x).astype(np.intp)
+    f = (x - i0).astype(np.float32)
+    i1 = i0 + 1
+    along_x = np.ascontiguousarray(coarse.transpose(2, 0, 1))
+    cases = {"z": (coarse, 2, f), "x": (along_x, 0, f[:, None, None])}
+    out = {}
+    for axis_name, (a, axis, w) in cases.items():
+        times = []
+        for _ in range(6):
+            t0 = time.perf_counter()
+            lo = a.take(i0, axis=axis).astype(np.float32)
+            lo *= 1 - w
+            lo += a.take(i1, axis=axis) * w
+            times.append(time.perf_counter() - t0)
+        out[axis_name] = 1e3 * float(np.median(times[1:]))
+    return out
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Both measurements; returns the result record."""
     cfg = dict(QUICK if args.quick else FULL)
@@ -184,11 +210,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     load_start = list(os.getloadavg())
     warm = _warm(work, cfg)
     real = _bytes(work, args.quick) if REAL.is_dir() else None
+    upsample = _upsample_ms(cfg["crop"])
     return {
         "warm_crop_ratio_now": warm["ratio_now"],
         "warm_crop_ratio_decode_bound": warm["ratio_decode_bound"],
         **({f"bytes_ratio_1p5mm_{k}": v for k, v in real["ratio_vs_nii_gz"].items()}
            if real else {}),
+        **{f"upsample_on_read_ms_{k}": v for k, v in upsample.items()},
         "warm": warm, "bytes_1p5mm": real,
         "settings": {"mode": "quick" if args.quick else "full", "crop": cfg["crop"],
                      "cohort": {"cases": cfg["cases"], "shape": list(cfg["shape"]),

@@ -72,6 +72,7 @@ def test_store_limits_quick(tmp_path: Path) -> None:
     ms = doc["warm"]["ms_per_crop"]
     assert set(ms) == {"npy", "blosc2", "window", "decode_bound"} and min(ms.values()) > 0
     assert doc["warm_crop_ratio_now"] > 0 and "RESULT warm_crop_ratio_decode_bound" in stdout
+    assert doc["upsample_on_read_ms_z"] > 0 and doc["upsample_on_read_ms_x"] > 0
     if not REAL.is_dir():
         pytest.skip("../shared/data is absent: the 1.5 mm bytes part needs the real CTs")
     (case,) = doc["bytes_1p5mm"]["cases"].values()  # the smallest CT: a 3 mm scan
