@@ -3,12 +3,13 @@
 ``data_throughput.py`` measures the targets. This script splits each miss into its parts, in one
 run, side by side:
 
-* **warm crops**: random 192^3 crops of ``data_throughput``'s phantom cohort (native 0.8 mm;
-  the case's file read whole into the page cache before each read; glibc's heap serving the
-  crop buffers, ``data_throughput.steady_malloc``). Each crop is timed three ways on the same crop: the npy read, the
-  blosc2 read (``Blosc2Format.read_crop``) and the HU window (``normalize``, paid by both formats).
-  A fourth figure is computed, the *decode bound*: the bytes of the blocks that the crop touches,
-  decoded at the codec's own full-chunk speed (``SChunk.decompress_chunk`` over the case).
+* **warm crops**: random 192^3 crops of ``data_throughput``'s phantom cohort (native 0.8 mm).
+  Before each read, the case's file is read whole into the page cache, and glibc's heap serves
+  the crop buffers (``data_throughput.steady_malloc``). Each crop is timed three ways on the same
+  crop: the npy read, the blosc2 read (``Blosc2Format.read_crop``) and the HU window
+  (``normalize``, paid by both formats). A fourth figure is computed, the *decode bound*: the
+  bytes of the blocks that the crop touches, decoded at the codec's own full-chunk speed
+  (``SChunk.decompress_chunk`` over the case).
   ``ratio_now`` = (npy + window) / (blosc2 + window), the target's ratio.
   ``ratio_decode_bound`` = (npy + window) / (bound + window): what a compiled kernel could reach
   if it decoded the touched blocks straight into the windowed crop, with no other copy.
@@ -20,7 +21,7 @@ run, side by side:
   would cost is timed too: one crop's linear upsampling along one axis in numpy (polyphase,
   float32), 2x and 4/3x, along the contiguous z axis and along x.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/store_limits.py           # ~3 min, idle machine
+    PYTHONPATH=src .venv/bin/python benchmarks/store_limits.py           # ~1 min, idle machine
     PYTHONPATH=src .venv/bin/python benchmarks/store_limits.py --quick   # smoke run, seconds
 
 Prints ``RESULT name value`` lines and writes benchmarks/results/store_limits.json (``--quick``

@@ -161,8 +161,9 @@ class Blosc2Format(ArrayFormat):
     def open(self, path: Path) -> Any:
         blosc2 = self._blosc2()
         try:
-            # Memory-mapped: a crop's chunks are read without one read() call and copy each,
-            # which is a quarter of a 192^3 crop's time (benchmarks/store_limits.py).
+            # Memory-mapped, so a crop's chunks are not fetched by one read() and copy each:
+            # a 192^3 crop's read went from about 8 to 6 ms, data_throughput's warm ratio from
+            # 0.75 to 0.79 (README, "Prepared stores").
             return blosc2.open(str(path), mmap_mode="r", dparams=_ONE_THREAD)
         except (RuntimeError, ValueError, OSError) as err:
             raise DamagedArrayError(f"{path}: cannot open as blosc2 ({err})") from None
