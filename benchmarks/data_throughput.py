@@ -346,18 +346,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="mim3d_bench_") as tmp:
             result = run(args, Path(tmp))
-    for key, value in result.items():
-        if isinstance(value, float):
-            print(f"RESULT {key} {value:.4g}")
-    for mode, row in result["crops_per_s"].items():
-        for name, value in row.items():
-            print(f"RESULT {name}_crops_per_s_{mode} {value:.4g}")
-    print(f"RESULT default_format_by_targets {result['default_format_by_targets']}")
+    rows = {f"{name}_crops_per_s_{mode}": value
+            for mode, row in result["crops_per_s"].items() for name, value in row.items()}
+    emit(result, {**rows, "default_format_by_targets": result["default_format_by_targets"]}, out)
+    return 0
+
+
+def emit(result: dict[str, Any], extra: dict[str, Any], out: Path | None) -> None:
+    """Print a ``RESULT`` line per top-level float and per ``extra`` item; write the JSON."""
+    for key, value in [*((k, v) for k, v in result.items() if isinstance(v, float)),
+                       *extra.items()]:
+        print(f"RESULT {key} {value:.4g}" if isinstance(value, float) else f"RESULT {key} {value}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":

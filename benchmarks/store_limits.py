@@ -31,7 +31,6 @@ writes only to ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from data_throughput import FULL, QUICK, REAL, read_whole, real_sources, steady_malloc
+from data_throughput import FULL, QUICK, REAL, emit, read_whole, real_sources, steady_malloc
 
 from mim3d.config import DataConfig
 from mim3d.data.formats import BLOSC2_DEFAULTS
@@ -253,15 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (None if args.quick else HERE / "results" / "store_limits.json")
     with tempfile.TemporaryDirectory(prefix="mim3d_limits_") as tmp:
         result = run(args, Path(tmp))
-    for key, value in result.items():
-        if isinstance(value, float):
-            print(f"RESULT {key} {value:.4g}")
-    for key, value in result["warm"]["ms_per_crop"].items():
-        print(f"RESULT ms_per_crop_{key} {value:.4g}")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {out}")
+    emit(result, {f"ms_per_crop_{k}": v for k, v in result["warm"]["ms_per_crop"].items()}, out)
     return 0
 
 
