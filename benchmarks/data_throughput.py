@@ -6,11 +6,15 @@ so that other load on the machine hits all of them alike:
 * **bytes**: the four real CTs of ``../shared/data/ct`` (the DICOM series written once as
   .nii.gz for the reference) prepared at native spacing and at 1.5 mm into ``npy`` and
   ``blosc2`` stores, plus a Zarr v3 copy of the npy store (blosc, the blosc2 store's codec and chunks,
-  the ecosystem's chunked format); ratio = store case files / .nii.gz sources.
+  the ecosystem's chunked format); ratio = store case files / .nii.gz sources. At 1.5 mm the
+  stores keep coarse axes at source spacing (the default); ``*_resampled`` stores do not.
 * **crop speed**: a phantom cohort (``mim3d.data.phantom``) at native 0.8 mm, random 192^3
   crops through ``PretrainCropDataset`` (windowed float32) for npy and blosc2, and the same
   crops read from the Zarr copy and windowed alike; *warm* = the case's files read whole (into
   the page cache) before every crop, *cold* = them evicted (``posix_fadvise(DONTNEED)``).
+* **thick slices at 1.5 mm**: a phantom cohort with 3 mm slices prepared at 1.5 mm, random
+  192^3 crops (warm) from stores that keep z at 3 mm and interpolate on read, and from stores
+  resampled at prepare, npy and blosc2, interleaved alike (crops agree to 1 HU).
 * **MONAI**: the on-the-fly pipeline of the authors' protocol (LoadImaged + Orientationd +
   ScaleIntensityRanged + SpatialPadd + RandSpatialCropd) on the cohort's .nii.gz files.
 * **data wait**: ``benchmarks/pretrain_throughput.py``'s engine run (tiny preset, 2 loader
@@ -54,9 +58,12 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 REAL = HERE.parent.parent / "shared" / "data" / "ct"
 FULL = {"cases": 6, "shape": (256, 256, 224), "spacing": (0.8, 0.8, 1.0), "crop": 192,
-        "crops": 40, "monai_crops": 8, "pretrain": (4, 2)}
+        "crops": 40, "monai_crops": 8, "pretrain": (4, 2),
+        "thick": {"cases": 4, "shape": (384, 384, 100), "spacing": (0.8, 0.8, 3.0)}}
 QUICK = {"cases": 2, "shape": (96, 96, 80), "spacing": (1.5, 1.5, 2.0), "crop": 64, "crops": 4,
-         "monai_crops": 2, "pretrain": None}
+         "monai_crops": 2, "pretrain": None,
+         "thick": {"cases": 2, "shape": (64, 64, 34), "spacing": (1.5, 1.5, 3.0)}}
+MM15 = (1.5, 1.5, 1.5)
 FORMATS = ("npy", "blosc2")
 TARGETS = {"bytes_vs_nii_gz": 1.0, "crop_speed_vs_npy": 0.8, "speedup_vs_monai": 20.0,
            "data_wait_share": 0.05}
@@ -151,57 +158,89 @@ def _bytes(sources: list[Path], work: Path) -> dict[str, Any]:
     """Store bytes / .nii.gz bytes per format, at native spacing and at 1.5 mm."""
     nii = sum(p.stat().st_size for p in sources)
     out: dict[str, Any] = {"sources": [p.name for p in sources], "nii_gz_bytes": nii}
-    for label, spacing in (("native", None), ("1.5mm", (1.5, 1.5, 1.5))):
+    for label, spacing in (("native", None), ("1.5mm", MM15)):
         row = {}
+        layouts = [("", "kept")] + ([("_resampled", "resampled")] if spacing else [])
         for fmt in FORMATS:
-            store = work / f"real_{fmt}_{label}"
-            prepare(sources, store, data=DataConfig(spacing=spacing), workers=2, progress=False,
-                    fmt=fmt)
-            row[fmt] = store_info(store)["bytes_on_disk"]
+            for tag, coarse in layouts:
+                store = work / f"real_{fmt}{tag}_{label}"
+                prepare(sources, store, data=DataConfig(spacing=spacing), workers=2,
+                        progress=False, fmt=fmt, coarse_axes=coarse)
+                row[fmt + tag] = store_info(store)["bytes_on_disk"]
         zarr_dir = _zarr_copy(work / f"real_npy_{label}", work / f"real_zarr_{label}")
         body = sum(p.stat().st_size for p in (work / f"real_npy_{label}").rglob("body.npy"))
         row["zarr"] = sum(p.stat().st_size for p in _files(zarr_dir)) + body
-        out[label] = {f: {"bytes": b, "ratio_vs_nii_gz": b / nii, "ratio_vs_npy": b / row["npy"]}
-                      for f, b in row.items()}
+        out[label] = {f: {"bytes": b, "ratio_vs_nii_gz": b / nii, "ratio_vs_npy": b / row[
+            "npy_resampled" if f.endswith("_resampled") else "npy"]} for f, b in row.items()}
     return out
 
 
-def _crop_readers(work: Path, crop: int) -> tuple[dict[str, Callable[[int], Any]],
-                                                  dict[str, Callable[[int], list[Path]]]]:
-    """Per candidate: index -> windowed crop, and index -> the files to evict for it."""
-    import zarr
+def _crop_readers(stores: dict[str, Path], crop: int, data: DataConfig,
+                  zarr_of: Path | None = None) -> tuple[dict[str, Callable[[int], Any]],
+                                                        dict[str, Callable[[int], list[Path]]]]:
+    """Per candidate: index -> windowed crop, and index -> the files to evict for it.
 
-    data = DataConfig()
-    ds = {f: PretrainCropDataset(work / f"store_{f}", crop_size=(crop,) * 3, data=data, seed=0)
-          for f in FORMATS}
-    zdir = _zarr_copy(work / "store_npy", work / "store_zarr")
-    zarrs: dict[int, Any] = {}
+    Every candidate draws the crops of the first store's dataset (same seed, same cases);
+    ``zarr_of`` adds a Zarr copy of that npy store as the candidate ``zarr``.
+    """
+    ds = {k: PretrainCropDataset(p, crop_size=(crop,) * 3, data=data, seed=0)
+          for k, p in stores.items()}
+    first = next(iter(ds.values()))
+    readers: dict[str, Callable[[int], Any]] = {k: d.__getitem__ for k, d in ds.items()}
 
-    def zarr_crop(i: int) -> torch.Tensor:
-        case, start, _ = ds["npy"].crop_spec(i)
-        z = zarrs.setdefault(case, zarr.open_array(zdir / ds["npy"].store.index.name(case)))
-        box = crop_box(start, (crop,) * 3, z.shape)
-        inside = place(z[box[0]], (crop,) * 3, box[1], -1000)
-        return torch.from_numpy(window_hu(inside, data.hu_window))[None]
-
-    def case_files(fmt: str) -> Callable[[int], list[Path]]:
+    def case_files(key: str) -> Callable[[int], list[Path]]:
         def files(i: int) -> list[Path]:
-            case = ds["npy"].crop_spec(i)[0]
-            if fmt == "zarr":
-                return _files(zdir / ds["npy"].store.index.name(case))
-            return [ds[fmt].store.array_path(case, "image"), ds[fmt].store.array_path(case, "body")]
+            case = first.crop_spec(i)[0]
+            if key == "zarr":
+                return _files(zdir / first.store.index.name(case))
+            return [ds[key].store.array_path(case, "image"), ds[key].store.array_path(case, "body")]
         return files
 
-    readers = {"npy": ds["npy"].__getitem__, "blosc2": ds["blosc2"].__getitem__,
-               "zarr": zarr_crop}
-    return readers, {f: case_files(f) for f in readers}
+    if zarr_of is not None:
+        import zarr
+
+        zdir = _zarr_copy(zarr_of, zarr_of.parent / "store_zarr")
+        zarrs: dict[int, Any] = {}
+
+        def zarr_crop(i: int) -> torch.Tensor:
+            case, start, _ = first.crop_spec(i)
+            z = zarrs.setdefault(case, zarr.open_array(zdir / first.store.index.name(case)))
+            box = crop_box(start, (crop,) * 3, z.shape)
+            inside = place(z[box[0]], (crop,) * 3, box[1], -1000)
+            return torch.from_numpy(window_hu(inside, data.hu_window))[None]
+
+        readers["zarr"] = zarr_crop
+    return readers, {k: case_files(k) for k in readers}
+
+
+def _thick_slices(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Warm 1.5 mm crops of 3 mm-slice phantoms: z kept and interpolated vs resampled."""
+    thick = cfg["thick"]
+    datalist = write_cohort(work / "thick", thick["cases"], seed=1, shape=thick["shape"],
+                            spacing=thick["spacing"])
+    data, stores = DataConfig(spacing=MM15), {}
+    for coarse in ("kept", "resampled"):
+        for fmt in FORMATS:
+            stores[f"{fmt}_{coarse}"] = work / f"thick_{fmt}_{coarse}"
+            prepare([datalist], stores[f"{fmt}_{coarse}"], data=data, workers=2,
+                    progress=False, fmt=fmt, coarse_axes=coarse)
+    readers, files = _crop_readers(stores, cfg["crop"], data)
+    lo, hi = data.hu_window
+    speed = _crop_speed(readers, files, cfg["crops"], modes=("warm",),
+                        atol=1.0 / (hi - lo) + 1e-6)["warm"]
+    grid = PreparedStore.open(stores["npy_kept"]).cases[0]
+    return {"crops_per_s": speed, "case_grid": list(grid.shape),
+            "stored_shape": list(grid.stored_shape or grid.shape),
+            "bytes": {k: store_info(p)["bytes_on_disk"] for k, p in stores.items()}}
 
 
 def _crop_speed(readers: dict[str, Callable[[int], Any]],
-                files: dict[str, Callable[[int], list[Path]]], n: int) -> dict[str, Any]:
-    """Crops/s per candidate, warm and cold, the candidates interleaved crop by crop."""
+                files: dict[str, Callable[[int], list[Path]]], n: int,
+                modes: tuple[str, ...] = ("warm", "cold"), atol: float = 0.0) -> dict[str, Any]:
+    """Crops/s per candidate and cache state, the candidates interleaved crop by crop; every
+    candidate's crop must equal the first's (to ``atol``)."""
     out: dict[str, Any] = {}
-    for mode in ("warm", "cold"):
+    for mode in modes:
         seconds = dict.fromkeys(readers, 0.0)
         for fn in readers.values():
             fn(10**6)  # warm-up: open files, first allocations
@@ -213,7 +252,8 @@ def _crop_speed(readers: dict[str, Callable[[int], Any]],
                 x = fn(i)
                 seconds[name] += time.perf_counter() - t0
                 ref = x if ref is None else ref
-                assert torch.equal(x, ref), f"{name} gave another crop {i}"  # same crops
+                same = torch.equal(x, ref) if atol == 0 else torch.allclose(x, ref, 0, atol)
+                assert same, f"{name} gave another crop {i}"
         out[mode] = {name: n / s for name, s in seconds.items()}
     return out
 
@@ -281,8 +321,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         prepare([datalist], work / f"store_{fmt}", data=DataConfig(), workers=2, progress=False,
                 fmt=fmt)
         prep_s[fmt] = time.perf_counter() - t0
-    readers, files = _crop_readers(work, cfg["crop"])
+    readers, files = _crop_readers({f: work / f"store_{f}" for f in FORMATS}, cfg["crop"],
+                                   DataConfig(), zarr_of=work / "store_npy")
     speed = _crop_speed(readers, files, cfg["crops"])
+    thick = _thick_slices(work, cfg)
     sources = [c.source for c in PreparedStore.open(work / "store_npy").cases]
     monai = _monai_crops_per_s(sources, cfg["crop"], cfg["monai_crops"])
     real = None
@@ -290,11 +332,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         sources = real_sources(work)
         real = _bytes(sources[-2:-1] if args.quick else sources, work)
     wait = _data_wait(work, datalist, *cfg["pretrain"]) if cfg["pretrain"] else None
-    return _summary(cfg, speed, monai, real, wait, prep_s, load_start)
+    return _summary(cfg, speed, monai, real, wait, prep_s, load_start, thick)
 
 
 def _summary(cfg: dict[str, Any], speed: dict[str, Any], monai: float, real: Any, wait: Any,
-             prep_s: dict[str, float], load_start: list[float]) -> dict[str, Any]:
+             prep_s: dict[str, float], load_start: list[float],
+             thick: dict[str, Any]) -> dict[str, Any]:
     """Headline figures, target checks and the format decision, plus everything measured."""
     new = "blosc2"
     ratio = {m: speed[m][new] / speed[m]["npy"] for m in ("warm", "cold")}
@@ -305,6 +348,11 @@ def _summary(cfg: dict[str, Any], speed: dict[str, Any], monai: float, real: Any
         "zarr_crop_speed_ratio_vs_npy_store_cold": speed["cold"]["zarr"] / speed["cold"]["npy"],
         "crop_speedup_vs_monai": speed["warm"][DEFAULT_FORMAT] / monai,
         "blosc2_crop_speedup_vs_monai": speed["warm"][new] / monai,
+        **{f"thick_1p5mm_kept_vs_resampled_crop_speed_{f}":
+           thick["crops_per_s"][f"{f}_kept"] / thick["crops_per_s"][f"{f}_resampled"]
+           for f in FORMATS},
+        "thick_1p5mm_crop_speed_ratio_vs_npy_store":
+            thick["crops_per_s"][f"{new}_kept"] / thick["crops_per_s"]["npy_kept"],
     }
     if real:
         for label in ("native", "1.5mm"):
@@ -312,6 +360,8 @@ def _summary(cfg: dict[str, Any], speed: dict[str, Any], monai: float, real: Any
             head[f"store_bytes_ratio_vs_nii_gz{tag}"] = real[label][new]["ratio_vs_nii_gz"]
             head[f"store_bytes_ratio_vs_npy{tag}"] = real[label][new]["ratio_vs_npy"]
             head[f"zarr_bytes_ratio_vs_nii_gz{tag}"] = real[label]["zarr"]["ratio_vs_nii_gz"]
+        head["store_bytes_ratio_vs_nii_gz_1p5mm_resampled"] = \
+            real["1.5mm"][f"{new}_resampled"]["ratio_vs_nii_gz"]
     if wait:
         head.update({f"data_wait_share_{f}": w for f, w in wait.items()})
     met = {"bytes": bool(real) and all(real[lb][new]["ratio_vs_nii_gz"]
@@ -324,6 +374,7 @@ def _summary(cfg: dict[str, Any], speed: dict[str, Any], monai: float, real: Any
             "default_format_now": DEFAULT_FORMAT,
             "default_format_by_targets": new if all(met.values()) else "npy",
             "crops_per_s": speed, "monai_crops_per_s": monai, "bytes_real_ct": real,
+            "thick_slices_1p5mm": thick,
             "settings": {"mode": "full" if cfg["pretrain"] else "quick", **{
                 k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
                 "blosc2": BLOSC2_DEFAULTS, "prepare_s": prep_s, "monai_reader": "NibabelReader",

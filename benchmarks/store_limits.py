@@ -1,4 +1,4 @@
-"""How far the blosc2 store's two unmet targets (issue 14) are from what blosc2 can reach.
+"""How far the blosc2 store's targets (issue 14) are from what blosc2 can reach.
 
 ``data_throughput.py`` measures the targets. This script splits each miss into its parts, in one
 run, side by side:
@@ -13,13 +13,11 @@ run, side by side:
   ``ratio_now`` = (npy + window) / (blosc2 + window), the target's ratio.
   ``ratio_decode_bound`` = (npy + window) / (bound + window): what a compiled kernel could reach
   if it decoded the touched blocks straight into the windowed crop, with no other copy.
-* **1.5 mm bytes**: per real CT, the image bytes at 1.5 mm with the default codec and with the
-  smallest lossless setting measured (ZSTD-9 + shuffle + byte-delta; its compressed size in
-  memory, without the frame's few hundred bytes of header). A third store keeps every
-  axis whose source is coarser than 1.5 mm at its source spacing (spacing = max(source, 1.5 mm)
-  per axis). This is what a store would hold if it resampled on read. What resampling on read
-  would cost is timed too: one crop's linear upsampling along one axis in numpy (polyphase,
-  float32), 2x and 4/3x, along the contiguous z axis and along x.
+* **1.5 mm bytes**: per real CT, the image bytes at 1.5 mm in a store that resamples every
+  axis at prepare (``--coarse-axes resampled``) and in one that keeps axes much coarser than
+  1.5 mm at their source spacing (``kept``, the default), each with the default codec and with
+  the smallest lossless setting measured (ZSTD-9 + shuffle + byte-delta; its compressed size in
+  memory, without the frame's few hundred bytes of header).
 
     PYTHONPATH=src .venv/bin/python benchmarks/store_limits.py           # ~1 min, idle machine
     PYTHONPATH=src .venv/bin/python benchmarks/store_limits.py --quick   # smoke run, seconds
@@ -154,68 +152,21 @@ def _bytes(work: Path, quick: bool) -> dict[str, Any]:
     """1.5 mm image bytes per real CT and setting, against each .nii.gz (module docstring)."""
     sources = real_sources(work)
     sources = sources[-2:-1] if quick else sources
-    default = work / "real_1p5mm"
-    prepare(sources, default, data=DataConfig(spacing=TARGET_SPACING), workers=2, progress=False,
-            fmt="blosc2")
-    names = [PreparedStore.open(default).index.name(i) for i in range(len(sources))]
     by_name = {p.name.removesuffix(".nii.gz"): p for p in sources}
-    rows = {n: {"nii_gz": by_name[n].stat().st_size,
-                "source_spacing_mm": _source_spacing(by_name[n])} for n in names}
-    settings = {"default": _image_bytes(default, None),
-                "zstd9_bytedelta": _image_bytes(default, SMALLEST)}
-    kept = []
-    for n in names:
-        spacing = tuple(max(a, b) for a, b in zip(rows[n]["source_spacing_mm"], TARGET_SPACING))
-        store = work / f"kept_{n}"
-        prepare([by_name[n]], store, data=DataConfig(spacing=spacing), workers=0,
-                progress=False, fmt="blosc2")
-        kept += _image_bytes(store, None)
-    settings["coarse_axes_kept"] = kept
-    for key, sizes in settings.items():
-        for n, b in zip(names, sizes):
-            rows[n][key] = b
+    rows = {n: {"nii_gz": p.stat().st_size, "source_spacing_mm": _source_spacing(p)}
+            for n, p in by_name.items()}
+    settings = {}
+    for coarse in ("resampled", "kept"):
+        store = work / f"real_1p5mm_{coarse}"
+        prepare(sources, store, data=DataConfig(spacing=TARGET_SPACING), workers=2,
+                progress=False, fmt="blosc2", coarse_axes=coarse)
+        names = [PreparedStore.open(store).index.name(i) for i in range(len(sources))]
+        for key, params in ((coarse, None), (f"{coarse}_zstd9_bytedelta", SMALLEST)):
+            settings[key] = _image_bytes(store, params)
+            for n, b in zip(names, settings[key]):
+                rows[n][key] = b
     nii = sum(r["nii_gz"] for r in rows.values())
     return {"cases": rows, "ratio_vs_nii_gz": {k: sum(v) / nii for k, v in settings.items()}}
-
-
-def _polyphase(coarse: np.ndarray, axis: int, p: int, q: int, n: int) -> np.ndarray:
-    """Linear upsampling by ``p / q`` along ``axis`` to ``n`` samples, float32.
-
-    Output ``k + p * m`` sits at coarse coordinate ``k * q / p + q * m``. Every output of one
-    phase ``k`` has the same interpolation weight, so a phase is two strided slices and no gather.
-    """
-    a = np.moveaxis(coarse, axis, 0)
-    out = np.empty((n, *a.shape[1:]), np.float32)
-    for k in range(p):
-        i0, frac = divmod(k * q, p)
-        dst = out[k::p]
-        m = dst.shape[0]
-        lo = a[i0:i0 + q * (m - 1) + 1:q]
-        if frac == 0:
-            dst[...] = lo
-            continue
-        w = np.float32(frac / p)
-        np.multiply(lo, 1 - w, out=dst, dtype=np.float32)
-        dst += a[i0 + 1:i0 + q * (m - 1) + 2:q] * w
-    return np.moveaxis(out, 0, axis)
-
-
-def _upsample_ms(crop: int) -> dict[str, float]:
-    """Milliseconds (median of 5) of :func:`_polyphase` making a ``crop``^3 crop from its coarse
-    box, 2x (3 mm slices) and 4/3x (2 mm), along the contiguous z axis and along x."""
-    rng = np.random.default_rng(0)
-    out = {}
-    for tag, p, q in (("2", 2, 1), ("4_3", 4, 3)):
-        coarse = rng.integers(-1000, 1000, size=(crop, crop, crop * q // p + 2), dtype=np.int16)
-        for axis_name, axis in (("z", 2), ("x", 0)):
-            a = np.ascontiguousarray(np.moveaxis(coarse, 2, axis))
-            times = []
-            for _ in range(6):
-                t0 = time.perf_counter()
-                _polyphase(a, axis, p, q, crop)
-                times.append(time.perf_counter() - t0)
-            out[f"{axis_name}_x{tag}"] = 1e3 * float(np.median(times[1:]))
-    return out
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -226,13 +177,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     load_start = list(os.getloadavg())
     warm = _warm(work, cfg)
     real = _bytes(work, args.quick) if REAL.is_dir() else None
-    upsample = _upsample_ms(cfg["crop"])
     return {
         "warm_crop_ratio_now": warm["ratio_now"],
         "warm_crop_ratio_decode_bound": warm["ratio_decode_bound"],
         **({f"bytes_ratio_1p5mm_{k}": v for k, v in real["ratio_vs_nii_gz"].items()}
            if real else {}),
-        **{f"upsample_on_read_ms_{k}": v for k, v in upsample.items()},
         "warm": warm, "bytes_1p5mm": real,
         "settings": {"mode": "quick" if args.quick else "full", "crop": cfg["crop"],
                      "cohort": {"cases": cfg["cases"], "shape": list(cfg["shape"]),

@@ -58,8 +58,7 @@ def _store_array(path: Path, data: DataConfig, out: Path) -> tuple[np.ndarray, n
     report = prepare([path], out, data=data, workers=0, progress=False)
     assert report.in_store == 1, report.messages
     store = PreparedStore.open(out)
-    hu = np.asarray(store.image(0))
-    return normalize(hu, data), np.asarray(store.cases[0].affine, float)
+    return normalize(store.volume(0), data), np.asarray(store.cases[0].affine, float)
 
 
 def _finetune_array(path: Path, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:

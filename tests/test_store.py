@@ -25,6 +25,7 @@ from mim3d.data.store import (
     window_hu,
     zscore,
 )
+from mim3d.data.storetools import verify_store
 
 # Non-trivial source orientations: LPS-like flips, and a permutation (array axis 0 along S).
 FLIP_XY = np.array([[-0.8, 0, 0, 50.0], [0, -0.9, 0, 60.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
@@ -80,7 +81,7 @@ def test_prepare_stores_ras_voxels_and_geometry(three_cases: Path, tmp_path: Pat
         assert store.body(i).shape == tuple(-(-n // 8) for n in rec.shape)
     np.testing.assert_allclose(store.cases[1].spacing, (1.2, 1.0, 2.0))  # permuted source
     info = json.loads((tmp_path / "store" / "store.json").read_text())
-    assert info["version"] == 2 and info["data"]["hu_window"] == [-1000.0, 1000.0]
+    assert info["version"] == 3 and info["data"]["hu_window"] == [-1000.0, 1000.0]
     assert info["array_format"] == "npy"  # the default format (see DEFAULT_FORMAT)
 
 
@@ -104,7 +105,19 @@ def test_resampling_to_spacing(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.asarray(rec.affine)[:3, 3], 0.0)  # first voxel centre kept
     i, _j, k = np.meshgrid(np.arange(20), np.arange(20), np.arange(30), indexing="ij")
     zk = np.minimum(k * 2 / 3, 19)  # new voxel k sits at old z index 2k/3 (clamped at the end)
-    np.testing.assert_array_equal(store.image(0), np.rint(10 * 2 * i + 3 * zk - 500))
+    # 3 mm slices are kept (1.5x the 2 mm target): x is resampled, z interpolated on read
+    assert rec.stored_shape == (20, 20, 20) and store.image(0).shape == (20, 20, 20)
+    np.testing.assert_allclose(rec.stored_step, (1.0, 1.0, 2 / 3))
+    np.testing.assert_allclose(store.volume(0), 10 * 2 * i + 3 * zk - 500, atol=1e-3)
+    np.testing.assert_allclose(store.read_crop(0, (-2, 3, 25), (8, 8, 8))[2:, :, :5],
+                               (10 * 2 * i + 3 * zk - 500)[:6, 3:11, 25:], atol=1e-3)
+    assert verify_store(tmp_path / "store").problems == []
+    _prepare([src / "list.json"], tmp_path / "flat", data=data, workers=0,
+             coarse_axes="resampled")
+    flat = PreparedStore.open(tmp_path / "flat")
+    assert flat.cases[0].stored_shape is None and flat.info["coarse_axes"] == "resampled"
+    np.testing.assert_array_equal(flat.image(0), np.rint(10 * 2 * i + 3 * zk - 500))
+    assert (rec.hu_min, rec.hu_max) == (flat.cases[0].hu_min, flat.cases[0].hu_max)
     lab = store.label(0)
     assert rec.has_label and lab.dtype == np.uint8 and lab.shape == rec.shape
     assert set(np.unique(lab)) == {0, 1, 2, 3}  # nearest: no interpolated label values

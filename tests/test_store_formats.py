@@ -58,7 +58,7 @@ def pair(sources: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 def test_blosc2_equals_npy_voxel_for_voxel(pair: dict[str, Path]) -> None:
     b2, npy = PreparedStore.open(pair["blosc2"]), PreparedStore.open(pair["npy"])
     assert (b2.info["array_format"], npy.info["array_format"]) == ("blosc2", "npy")
-    assert b2.info["version"] == 2 and b2.info["format_params"]["chunks"] == [64, 64, 64]
+    assert b2.info["version"] == 3 and b2.info["format_params"]["chunks"] == [64, 64, 64]
     rng = np.random.default_rng(0)
     for i in range(3):
         rec = b2.cases[i]

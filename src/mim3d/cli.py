@@ -53,7 +53,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise ValueError(f"--min-size takes 1 or 3 sizes, got {len(args.min_size)}")
     report = prepare(args.inputs, args.out, data=cfg.data, workers=args.workers,
                      fmt=args.format, shard=parse_shard(args.shard) if args.shard else None,
-                     min_size=min_size,
+                     min_size=min_size, coarse_axes=args.coarse_axes,
                      crop_size=geometry.crop_sizes[0] if geometry is not None else None)
     print(f"prepared {report.prepared}, skipped (already in store) {report.skipped}, "
           f"quarantined {report.quarantined} -> {report.store}")
@@ -166,6 +166,11 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("blosc2", "npy"), default=None,
                    help="array format of a new store: blosc2 (compressed, chunked, needs "
                    "mim3d[store]) or npy (raw, the default); an existing store keeps its own")
+    p.add_argument("--coarse-axes", choices=("kept", "resampled"), default=None,
+                   help="a new store keeps axes at least 1.2x coarser than the preset's spacing "
+                   "(thick slices) at their source spacing and interpolates them when a crop is "
+                   "read (kept, the default: fewer bytes), or stores every case resampled "
+                   "(resampled: faster crops); an existing store keeps its own")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="prepare only part I of N of the inputs (0 <= I < N); run N processes "
                    "or nodes into one --out, or into parts joined by `mim3d store merge`")

@@ -29,8 +29,8 @@ def info_lines(info: dict) -> list[str]:
     return [
         f"store {info['store']} (format v{info['format_version']}, {info['array_format']})",
         (f"cases: {info['cases']} ({info['labelled']} with labels, "
-         f"{info['smaller_than_crop']} smaller than the crop), "
-         f"quarantined: {info['quarantined']}"),
+         f"{info['smaller_than_crop']} smaller than the crop, {info['kept_coarse']} with "
+         f"coarse axes kept at source spacing), quarantined: {info['quarantined']}"),
         f"total voxels: {info['total_voxels']:,}",
         (f"bytes on disk: {_human(info['bytes_on_disk'])} "
          f"(compression ratio {info['compression_ratio']:.2f}x vs raw int16)"),

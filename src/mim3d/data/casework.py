@@ -23,10 +23,11 @@ import numpy as np
 
 from mim3d.config import DataConfig
 from mim3d.data.body import body_cells, body_mask
+from mim3d.data.crops import read_interpolated
 from mim3d.data.datalists import CaseSpec
 from mim3d.data.formats import ArrayFormat, array_format
 from mim3d.data.manifest import HU_EDGES, CaseRecord
-from mim3d.data.preprocess import resample_to_spacing
+from mim3d.data.preprocess import resample_to_spacing, spacing_grid, stored_spacing
 from mim3d.data.readers import read_volume, validate_volume
 from mim3d.data.volume import ImageReadError
 from mim3d.fileio import fsync_path, replace_folder
@@ -54,6 +55,8 @@ class CaseJob:
         format_name, format_params: array format of the store and its settings.
         min_size: quarantine volumes smaller than this (x, y, z) after resampling, or None.
         crop_size: the level-1 crop; smaller volumes are flagged (their crops get padded).
+        keep_coarse: keep axes much coarser than ``data.spacing`` at their source spacing
+            (:func:`mim3d.data.preprocess.stored_spacing`); crops interpolate them on read.
     """
 
     root: str
@@ -62,6 +65,7 @@ class CaseJob:
     format_params: dict[str, Any]
     min_size: tuple[int, int, int] | None = None
     crop_size: tuple[int, int, int] | None = None
+    keep_coarse: bool = False
 
 
 def prepare_case(spec: CaseSpec, job: CaseJob) -> dict[str, Any]:
@@ -81,38 +85,65 @@ def prepare_case(spec: CaseSpec, job: CaseJob) -> dict[str, Any]:
 
 def _write_case(spec: CaseSpec, job: CaseJob) -> dict[str, Any]:
     """Read, check, resample and write one case; returns its manifest record."""
-    data = job.data
     vol = read_volume(spec.image)
     reason = validate_volume(vol)
     if reason:
         raise _CaseError(reason)
     _check_intensities(vol.array)
     label = _read_label(spec.label, vol.array.shape, vol.affine) if spec.label else None
-    array, affine = vol.array, vol.affine
-    if data.spacing is not None:
-        array, affine = resample_to_spacing(vol.array, vol.affine, data.spacing, order=1)
-        if label is not None:
-            label = resample_to_spacing(label, vol.affine, data.spacing, order=0)[0]
-    hu = _to_int16(array)
+    stored, hu, affine, step = _resample(vol.array, vol.affine, job)
+    if label is not None and job.data.spacing is not None:
+        label = resample_to_spacing(label, vol.affine, job.data.spacing, order=0)[0]
     meta = vol.meta
-    del array, vol
+    del vol
     small = _check_size(spec, hu.shape, job)
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
-    mask = body_mask(hu, data.body_hu, spacing)
+    mask = body_mask(hu, job.data.body_hu, spacing)
+    kept = any(s != 1.0 for s in step)
     record = CaseRecord(
         name=spec.name, source=spec.image, label_source=spec.label, shape=tuple(hu.shape),
         spacing=spacing, affine=np.asarray(affine, float).tolist(), hu_min=int(hu.min()),
         hu_max=int(hu.max()), hu_mean=float(hu.mean(dtype=np.float64)),
-        hu_std=float(hu.std(dtype=np.float64)), sha256=hashlib.sha256(hu.data).hexdigest(),
+        hu_std=float(hu.std(dtype=np.float64)), sha256=hashlib.sha256(stored.data).hexdigest(),
         has_label=label is not None, body_fraction=float(mask.mean()), prepared=now(),
         series_uid=meta.get("series_uid"), series_note=meta.get("series_note"),
         hu_hist=hu_histogram(hu), smaller_than_crop=small,
+        stored_shape=tuple(stored.shape) if kept else None, stored_step=step if kept else None,
     ).to_json()
-    arrays = {"image": hu, "body": body_cells(mask, hu.shape)}
+    arrays = {"image": stored, "body": body_cells(mask, hu.shape)}
     if label is not None:
         arrays["label"] = label
     fmt = array_format(job.format_name, job.format_params)
     return write_case_dir(Path(job.root), spec.name, arrays, record, fmt)
+
+
+def _resample(array: np.ndarray, affine: np.ndarray, job: CaseJob) -> tuple[
+        np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """The image as stored, the image on the case's grid, the grid's affine, the stored step.
+
+    Without ``keep_coarse`` (or without coarse axes) both images are the same int16 array.
+    Otherwise the coarse axes stay at their source spacing in the stored array, and the grid
+    image is interpolated from it exactly as crops will be (:func:`read_interpolated`), so the
+    statistics and the body grid describe what training reads.
+    """
+    target = job.data.spacing
+    if target is None:
+        hu = _to_int16(array)
+        return hu, hu, np.asarray(affine, float), (1.0, 1.0, 1.0)
+    source = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
+    keep = stored_spacing(source, target) if job.keep_coarse else tuple(target)
+    step = tuple(t / float(s) if k != t else 1.0
+                 for k, t, s in zip(keep, map(float, target), source, strict=True))
+    stored = _to_int16(resample_to_spacing(array, affine, keep, order=1)[0])
+    shape, grid_affine = spacing_grid(array.shape, affine, target)
+    if all(s == 1.0 for s in step):
+        return stored, stored, grid_affine, step
+
+    def box(first: list[int], count: list[int]) -> np.ndarray:
+        return stored[tuple(slice(a, a + n) for a, n in zip(first, count))]
+
+    grid = read_interpolated(box, stored.shape, step, shape, (0, 0, 0), shape, 0)
+    return stored, _to_int16(grid), grid_affine, step
 
 
 def _check_size(spec: CaseSpec, shape: tuple[int, ...], job: CaseJob) -> bool:

@@ -1,18 +1,22 @@
 """Boxes out of 3D arrays: in-memory copies and partial reads of C-order ``.npy`` files.
 
 A crop box may start at negative voxels or reach past the array; the part outside is filled
-with a pad value (air for CT), so every crop has the requested size.
+with a pad value (air for CT), so every crop has the requested size. A store array kept at a
+coarser spacing on some axes is cropped on the target grid by :func:`read_interpolated`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["AIR_HU", "Box", "crop_array", "crop_box", "place", "read_npy_crop"]
+from mim3d.data.preprocess import axis_weights, interpolate_axis
+
+__all__ = ["AIR_HU", "Box", "crop_array", "crop_box", "place", "read_interpolated",
+           "read_npy_crop"]
 
 AIR_HU = -1000
 #: Source slices (in the array) and destination slices (in the box).
@@ -75,6 +79,47 @@ def read_npy_crop(path: str | Path, start: Sequence[int], size: Sequence[int],
     if sz == slice(0, n_z) and block.shape == size:
         return block  # the box spans every z: the block is the crop, no second copy
     return place(block[:, :, sz], size, box[1], pad_value)
+
+
+def read_interpolated(read: Callable[[list[int], list[int]], np.ndarray],
+                      stored_shape: Sequence[int], step: Sequence[float], shape: Sequence[int],
+                      start: Sequence[int], size: Sequence[int], pad_value: float) -> np.ndarray:
+    """A box of the target grid from an array stored at a coarser spacing on some axes.
+
+    Args:
+        read: ``read(start, size)`` returns that box of the stored array (inside it).
+        stored_shape: shape of the stored array.
+        step: stored voxels per target voxel on each axis (1.0 where it is stored on the
+            target grid, below 1 where it keeps its coarser source spacing).
+        shape: the target grid (X, Y, Z).
+        start, size, pad_value: as in :func:`crop_array`, on the target grid.
+
+    Returns:
+        A new float32 array of shape ``size``: linear interpolation along the coarse axes of
+        the stored box that covers the crop (the values are not rounded to integers again).
+    """
+    size = tuple(int(s) for s in size)
+    box = crop_box(start, size, tuple(int(n) for n in shape))
+    if box is None:
+        return np.full(size, pad_value, dtype=np.float32)
+    first, count, weights = [], [], []
+    for ax, sl in enumerate(box[0]):
+        if float(step[ax]) == 1.0:
+            first.append(sl.start)
+            count.append(sl.stop - sl.start)
+            weights.append(None)
+            continue
+        s0, w = axis_weights(sl.start, sl.stop - sl.start, float(step[ax]), int(stored_shape[ax]))
+        first.append(s0)
+        count.append(w.shape[0])
+        weights.append(w)
+    out = read(first, count)
+    for ax, w in enumerate(weights):
+        if w is not None:
+            out = interpolate_axis(out, ax, w)
+    if out.shape == size:
+        return out  # interpolation made a fresh array: no second copy
+    return place(out, size, box[1], pad_value)
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:

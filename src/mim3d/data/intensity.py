@@ -22,10 +22,11 @@ class VolumeStats(Protocol):
     hu_std: float
 
 
-def window_hu(arr: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
+def window_hu(arr: np.ndarray, hu_window: Sequence[float], *,
+              overwrite: bool = False) -> np.ndarray:
     """:func:`mim3d.data.preprocess.window_hu` (the window fine-tuning applies too): ``hu_window``
-    mapped linearly to [0, 1], clipped. Returns float32."""
-    return preprocess.window_hu(arr, hu_window)
+    mapped linearly to [0, 1], clipped. Returns float32 (in place with ``overwrite``)."""
+    return preprocess.window_hu(arr, hu_window, overwrite=overwrite)
 
 
 def zscore(arr: np.ndarray, mean: float | None = None, std: float | None = None) -> np.ndarray:
@@ -45,15 +46,18 @@ def minmax(arr: np.ndarray, vmin: float | None = None, vmax: float | None = None
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def normalize(arr: np.ndarray, data: DataConfig, *, record: VolumeStats | None = None) -> np.ndarray:
+def normalize(arr: np.ndarray, data: DataConfig, *, record: VolumeStats | None = None,
+              overwrite: bool = False) -> np.ndarray:
     """Intensity normalisation of ``data.normalization`` (float32, same shape as ``arr``).
+
+    ``overwrite=True`` lets the window reuse a float32 ``arr`` (a crop the caller gives up).
 
     ``window`` clips ``data.hu_window`` to [0, 1]. ``zscore`` and ``minmax`` use the whole
     volume's statistics from ``record`` when given (so every crop of a case is scaled alike),
     otherwise those of ``arr`` itself.
     """
     if data.normalization == "window":
-        return window_hu(arr, data.hu_window)
+        return window_hu(arr, data.hu_window, overwrite=overwrite)
     if data.normalization == "zscore":
         if record is None:
             return zscore(arr)

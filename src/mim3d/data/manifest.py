@@ -37,12 +37,12 @@ class CaseRecord:
         name: unique case name (the folder under ``cases/``).
         source: image path (file or DICOM folder) it was read from.
         label_source: label path, or None.
-        shape: (X, Y, Z) of the stored arrays.
-        spacing: voxel size in mm along the array axes.
-        affine: 4x4 voxel-to-world RAS+ mm matrix of the stored grid (nested lists).
-        hu_min, hu_max: value range of the stored int16 image.
-        hu_mean, hu_std: mean and standard deviation of the stored image (for z-score).
-        sha256: hex digest of the C-order int16 image bytes.
+        shape: (X, Y, Z) of the case's grid: the one crops are taken on, and the label's.
+        spacing: voxel size in mm along the grid axes.
+        affine: 4x4 voxel-to-world RAS+ mm matrix of the grid (nested lists).
+        hu_min, hu_max: value range of the int16 image on the grid.
+        hu_mean, hu_std: mean and standard deviation of the image on the grid (for z-score).
+        sha256: hex digest of the C-order int16 image bytes as stored.
         has_label: whether the case has a label array.
         body_fraction: share of voxels in the body mask (table removed).
         prepared: UTC time the case was written (ISO 8601).
@@ -52,6 +52,10 @@ class CaseRecord:
         stored_bytes: bytes of the case's files on disk.
         smaller_than_crop: the volume is smaller than the level-1 crop on some axis (its crops
             are padded with air).
+        stored_shape: shape of the image file when it keeps coarse axes at their source
+            spacing (format version 3), else None (stored on the grid, ``shape``).
+        stored_step: stored voxels per grid voxel on each axis (1.0 on the grid, below 1 on an
+            axis kept coarser), or None for all 1.0.
     """
 
     name: str
@@ -73,12 +77,21 @@ class CaseRecord:
     hu_hist: list[int] = field(default_factory=list)
     stored_bytes: int = 0
     smaller_than_crop: bool = False
+    stored_shape: tuple[int, int, int] | None = None
+    stored_step: tuple[float, float, float] | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of the image array as stored."""
+        return tuple(self.stored_shape) if self.stored_shape else tuple(self.shape)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict (tuples become lists)."""
         out = asdict(self)
         out["shape"] = list(self.shape)
         out["spacing"] = list(self.spacing)
+        for key in ("stored_shape", "stored_step"):
+            out[key] = None if out[key] is None else list(out[key])
         return out
 
     @classmethod
@@ -93,6 +106,10 @@ class CaseRecord:
                 raise KeyError(f.name)
         kwargs["shape"] = tuple(int(v) for v in kwargs["shape"])
         kwargs["spacing"] = tuple(float(v) for v in kwargs["spacing"])
+        if kwargs.get("stored_shape") is not None:
+            kwargs["stored_shape"] = tuple(int(v) for v in kwargs["stored_shape"])
+        if kwargs.get("stored_step") is not None:
+            kwargs["stored_step"] = tuple(float(v) for v in kwargs["stored_step"])
         return cls(**kwargs)
 
     @property
@@ -259,6 +276,9 @@ class CaseIndex:
         has_label: (N,) bool.
         tags: (N,) uint64: the first 16 hex digits of each image hash (they key cached copies
             of remote files).
+        kept: (K,) int64 sorted indices of the cases that keep coarse axes at source spacing.
+        kept_steps: (K, 3) float64 their :attr:`CaseRecord.stored_step` (the other cases are
+            stored on their grid: all 1.0).
         offsets: (N,) int64 byte offset of each case's line in the manifest (full records are
             read from there only when asked for).
     """
@@ -269,6 +289,8 @@ class CaseIndex:
     has_label: np.ndarray
     tags: np.ndarray
     offsets: np.ndarray
+    kept: np.ndarray
+    kept_steps: np.ndarray
 
     @classmethod
     def from_manifest(cls, path: Path) -> CaseIndex:
@@ -281,6 +303,7 @@ class CaseIndex:
                     obj = json.loads(raw)
                     row = {k: obj[k] for k in ("shape", "hu_min", "hu_max", "hu_mean", "hu_std",
                                                "has_label", "sha256")}
+                    row["step"] = obj.get("stored_step")
                     latest.pop(obj["name"], None)
                     latest[str(obj["name"])] = (offset, row)
                 except (ValueError, KeyError, TypeError):
@@ -295,7 +318,10 @@ class CaseIndex:
                            dtype=np.float64).reshape(-1, 4),
             has_label=np.array([bool(r["has_label"]) for r in rows], dtype=bool),
             tags=np.array([int(str(r["sha256"])[:16], 16) for r in rows], dtype=np.uint64),
-            offsets=np.array([latest[n][0] for n in names], dtype=np.int64))
+            offsets=np.array([latest[n][0] for n in names], dtype=np.int64),
+            kept=np.array([i for i, r in enumerate(rows) if r["step"]], dtype=np.int64),
+            kept_steps=np.array([r["step"] for r in rows if r["step"]],
+                                dtype=np.float64).reshape(-1, 3))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -305,6 +331,13 @@ class CaseIndex:
 
     def tag(self, i: int) -> str:
         return f"{int(self.tags[i]):016x}"
+
+    def step(self, i: int) -> tuple[float, ...] | None:
+        """Stored voxels per grid voxel of case ``i``, or None when it is stored on its grid."""
+        k = int(np.searchsorted(self.kept, i))
+        if k < len(self.kept) and self.kept[k] == i:
+            return tuple(float(v) for v in self.kept_steps[k])
+        return None
 
     def case_stats(self, i: int) -> CaseStats:
         lo, hi, mean, std = self.stats[i]

@@ -48,6 +48,8 @@ from mim3d.data.remote import StoreFiles
 from mim3d.data.shards import parse_shard, plan_cases
 from mim3d.data.store import (
     CASES_DIR,
+    COARSE_AXES,
+    DEFAULT_COARSE_AXES,
     DEFAULT_FORMAT,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -93,7 +95,8 @@ class PrepareReport:
 def prepare(inputs: Sequence[str | Path], out: str | Path, *, data: DataConfig,
             workers: int = 2, progress: bool = True, fmt: str | None = None,
             shard: tuple[int, int] | None = None, min_size: Sequence[int] | None = None,
-            crop_size: Sequence[int] | None = None) -> PrepareReport:
+            crop_size: Sequence[int] | None = None,
+            coarse_axes: str | None = None) -> PrepareReport:
     """Prepare images into a store folder, resuming whatever an earlier run left.
 
     Args:
@@ -109,6 +112,10 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, data: DataConfig,
         shard: ``(I, N)``: prepare only this process's part of the inputs.
         min_size: quarantine volumes smaller than this (x, y, z) after resampling.
         crop_size: the level-1 crop; smaller volumes are logged and counted.
+        coarse_axes: for a new store, ``kept`` (axes much coarser than ``data.spacing`` stay at
+            their source spacing and crops interpolate them; default
+            :data:`mim3d.data.store.DEFAULT_COARSE_AXES`) or ``resampled``; an existing store
+            keeps its own.
 
     Returns:
         The counts; the store is usable when ``in_store > 0``.
@@ -121,13 +128,14 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, *, data: DataConfig,
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     with _run_lock(root, shard):
-        fmt_name, fmt_params = _init_store(root, data, fmt)
+        info = _init_store(root, data, fmt, coarse_axes)
         writer = ManifestWriter(root)
         writer.repair()
         todo, skipped = plan_cases(specs, read_manifest(root / MANIFEST), shard)
-        job = CaseJob(str(root), data, fmt_name, fmt_params,
+        job = CaseJob(str(root), data, info["array_format"], dict(info.get("format_params") or {}),
                       None if min_size is None else tuple(int(v) for v in min_size),
-                      None if crop_size is None else tuple(int(v) for v in crop_size))
+                      None if crop_size is None else tuple(int(v) for v in crop_size),
+                      keep_coarse=info["coarse_axes"] == "kept")
         report = PrepareReport(prepared=0, skipped=skipped, quarantined=0, store=root)
         claims = _Claims(root)
         try:
@@ -200,8 +208,9 @@ def _run_lock(root: Path, shard: tuple[int, int] | None) -> Iterator[None]:
             yield
 
 
-def _init_store(root: Path, data: DataConfig, fmt: str | None) -> tuple[str, dict[str, Any]]:
-    """Write store.json for a new store, or check an existing one; returns its array format."""
+def _init_store(root: Path, data: DataConfig, fmt: str | None,
+                coarse_axes: str | None) -> dict[str, Any]:
+    """Write store.json for a new store, or check an existing one; returns its store.json."""
     with locked(root / ".init.lock"):
         meta = root / STORE_JSON
         if meta.is_file():
@@ -213,17 +222,23 @@ def _init_store(root: Path, data: DataConfig, fmt: str | None) -> tuple[str, dic
             if fmt is not None and fmt != info["array_format"]:
                 raise ValueError(f"{root}: store holds {info['array_format']} arrays, not "
                                  f"{fmt}; drop --format or choose a new --out")
-            return info["array_format"], dict(info.get("format_params") or {})
+            if coarse_axes is not None and coarse_axes != info["coarse_axes"]:
+                raise ValueError(f"{root}: store has coarse axes {info['coarse_axes']}, not "
+                                 f"{coarse_axes}; drop --coarse-axes or choose a new --out")
+            return info
         if any(not p.name.startswith(".") for p in root.iterdir()):
             raise ValueError(f"{root}: folder is not empty and not a store; choose a new --out")
         fmt_obj = array_format(fmt or DEFAULT_FORMAT)
         fmt_obj.check_available()  # e.g. blosc2 missing: a clear error before anything is written
+        coarse = coarse_axes or DEFAULT_COARSE_AXES
+        if coarse not in COARSE_AXES:
+            raise ValueError(f"coarse_axes must be one of {', '.join(COARSE_AXES)}, got {coarse!r}")
         info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "array_format": fmt_obj.name,
-                "format_params": fmt_obj.params(), "data": to_dict(data),
+                "format_params": fmt_obj.params(), "coarse_axes": coarse, "data": to_dict(data),
                 "body_cell": BODY_CELL, "created": now()}
         (root / CASES_DIR).mkdir(exist_ok=True)
         write_text_atomically(meta, json.dumps(info, indent=2) + "\n")
-        return fmt_obj.name, fmt_obj.params()
+        return info
 
 
 def _run_cases(todo: list[CaseSpec], job: CaseJob, workers: int,

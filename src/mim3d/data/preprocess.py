@@ -9,6 +9,11 @@ Both paths read a case with :func:`mim3d.data.readers.read_volume`, which orient
   ``Spacing`` convention), so points past the last old centre take the edge value;
 * **HU window**: :func:`window_hu` - ``hu_window`` mapped linearly to [0, 1], clipped.
 
+Trilinear resampling on this grid is separable, so it may run in two passes: the pre-training
+store keeps axes much coarser than the target (thick slices, :func:`stored_spacing`) at their
+source spacing and interpolates them when a crop is read (:func:`axis_weights`,
+:func:`interpolate_axis`); the result equals one pass up to the int16 rounding in between.
+
 The pre-training store (:mod:`mim3d.data.casework`, :mod:`mim3d.data.intensity`) calls these on
 numpy arrays; the fine-tuning pipeline (:mod:`mim3d.data.transforms`) calls them through the
 MONAI dictionary transforms of :mod:`mim3d.data.steps`. This module needs numpy and scipy only.
@@ -23,7 +28,14 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["resample_to_grid", "resample_to_spacing", "spacing_grid", "window_hu"]
+__all__ = ["KEEP_COARSER", "axis_weights", "interpolate_axis", "resample_to_grid",
+           "resample_to_spacing", "spacing_grid", "stored_spacing", "window_hu"]
+
+#: An axis whose source spacing is at least this multiple of the target stays at its source
+#: spacing in the store (see :func:`stored_spacing`). Below it the bytes saved (under 17 %)
+#: would not pay for interpolating every crop read.
+KEEP_COARSER = 1.2
+_TILE = 32  # output voxels per matrix product in interpolate_axis (a band of about 17 sources)
 
 
 def spacing_grid(shape: Sequence[int], affine: np.ndarray,
@@ -87,10 +99,77 @@ def resample_to_grid(array: np.ndarray, affine: np.ndarray, out_affine: np.ndarr
                         order)
 
 
-def window_hu(arr: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
-    """Map HU linearly so ``hu_window`` becomes [0, 1], clipping outside. Returns float32."""
+def stored_spacing(source: Sequence[float], target: Sequence[float]) -> tuple[float, ...]:
+    """Spacing a store keeps: ``target``, except axes at least :data:`KEEP_COARSER` coarser."""
+    return tuple(float(s) if float(s) >= KEEP_COARSER * float(t) else float(t)
+                 for s, t in zip(source, target, strict=True))
+
+
+def axis_weights(first: int, count: int, step: float, n_src: int) -> tuple[int, np.ndarray]:
+    """Linear interpolation along one axis onto :func:`spacing_grid`'s grid.
+
+    Output voxel ``i`` (``first <= i < first + count``) lies at source position ``i * step``
+    (both grids start at the first voxel's centre); positions past the last source voxel take
+    its value, as ``mode="nearest"`` does in :func:`resample_to_spacing`.
+
+    Args:
+        first, count: the output voxels wanted.
+        step: source voxels per output voxel (target spacing / source spacing).
+        n_src: source voxels along the axis.
+
+    Returns:
+        ``(s0, weights)``: the first source voxel used and float32 weights of shape
+        ``(n_band, count)``, so ``out[k] = sum_j src[s0 + j] * weights[j, k]``.
+    """
+    pos = np.arange(first, first + count, dtype=np.float64) * float(step)
+    lo = np.clip(np.floor(pos).astype(np.int64), 0, n_src - 1)
+    frac = np.where(lo >= n_src - 1, 0.0, np.clip(pos - lo, 0.0, 1.0))
+    hi = np.minimum(lo + 1, n_src - 1)
+    s0 = int(lo.min())
+    weights = np.zeros((int(hi.max()) - s0 + 1, count), dtype=np.float32)
+    cols = np.arange(count)
+    np.add.at(weights, (lo - s0, cols), 1.0 - frac)
+    np.add.at(weights, (hi - s0, cols), frac)
+    return s0, weights
+
+
+def interpolate_axis(src: np.ndarray, axis: int, weights: np.ndarray) -> np.ndarray:
+    """Apply :func:`axis_weights` along ``axis`` of ``src``; returns a new float32 array.
+
+    The product runs in tiles of :data:`_TILE` output voxels, each against only the band of
+    sources it uses: along the contiguous last axis that is about 3x faster than gathering
+    neighbours (a 192^3 crop from 97 thick slices: 10 ms on one core).
+    """
+    src = np.ascontiguousarray(src, dtype=np.float32)
+    n = src.shape[axis]
+    pre, post = int(np.prod(src.shape[:axis])), int(np.prod(src.shape[axis + 1:]))
+    if weights.shape[0] != n:
+        raise ValueError(f"interpolate_axis: {weights.shape[0]} weight rows for {n} voxels")
+    count = weights.shape[1]
+    flat = src.reshape(pre, n, post)
+    out = np.empty((pre, count, post), dtype=np.float32)
+    for k0 in range(0, count, _TILE):
+        w = weights[:, k0:k0 + _TILE]
+        rows = np.flatnonzero(w.any(axis=1))
+        j0, j1 = int(rows[0]), int(rows[-1]) + 1
+        band = np.ascontiguousarray(w[j0:j1])
+        if post == 1:
+            out[:, k0:k0 + _TILE, 0] = flat[:, j0:j1, 0] @ band
+        else:
+            out[:, k0:k0 + _TILE] = np.matmul(np.ascontiguousarray(band.T), flat[:, j0:j1])
+    return out.reshape(*src.shape[:axis], count, *src.shape[axis + 1:])
+
+
+def window_hu(arr: np.ndarray, hu_window: Sequence[float], *,
+              overwrite: bool = False) -> np.ndarray:
+    """Map HU linearly so ``hu_window`` becomes [0, 1], clipping outside. Returns float32.
+
+    ``overwrite=True`` windows a float32 ``arr`` in place (a crop its caller gives up); other
+    dtypes are converted into a new array either way.
+    """
     lo, hi = float(hu_window[0]), float(hu_window[1])
-    out = np.array(arr, dtype=np.float32, copy=True)  # one allocation, then in place
+    # one allocation (none when overwriting a float32 array), then in place
+    out = np.asarray(arr, dtype=np.float32) if overwrite else np.array(arr, dtype=np.float32)
     out -= np.float32(lo)
     out *= np.float32(1.0 / (hi - lo))
     return np.clip(out, 0.0, 1.0, out=out)

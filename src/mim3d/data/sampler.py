@@ -114,7 +114,7 @@ class PretrainCropDataset(Dataset):
         # Air for CT windows; for MRI-style normalisations the volume minimum is "background".
         pad = AIR_HU if self.data.normalization == "window" else stats.hu_min
         crop = self.store.read_crop(case, start, self.crop_size, pad_value=pad)
-        out = normalize(crop, self.data, record=stats)
+        out = normalize(crop, self.data, record=stats, overwrite=True)  # the crop is ours
         return torch.from_numpy(out)[None]
 
 

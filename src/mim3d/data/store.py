@@ -5,14 +5,21 @@ Layout of a store folder (written by :func:`mim3d.data.prepare.prepare`)::
     STORE/store.json          format version, array format + its settings, the DataConfig used
     STORE/manifest.jsonl      one JSON object (a :class:`CaseRecord`) per prepared case
     STORE/quarantine.jsonl    one JSON object per unusable source: name, source, reason
-    STORE/cases/<name>/image.b2nd|.npy   int16 HU, (X, Y, Z) in RAS order
-    STORE/cases/<name>/label.b2nd|.npy   optional label map on the same grid (uint8 or int16)
+    STORE/cases/<name>/image.b2nd|.npy   int16 HU, (X, Y, Z) in RAS order (see "coarse axes")
+    STORE/cases/<name>/label.b2nd|.npy   optional label map on the case's grid (uint8 or int16)
     STORE/cases/<name>/body.npy          float32 body fraction per BODY_CELL^3-voxel cell
     STORE/cases/<name>/record.json       the case's manifest record + its chunk digests
 
-Format version 1 stores (``.npy`` only, no record.json) stay readable. The array format
-(:mod:`mim3d.data.formats`) is ``npy`` or the compressed, chunked ``blosc2``; both give partial
-reads, so a crop reads only what it touches. Intensities are windowed on the fly
+**Coarse axes** (format version 3, ``"coarse_axes": "kept"`` in store.json, the default): a
+case's grid is the one of ``DataConfig.spacing``, but an axis whose source spacing is much
+coarser (thick slices, :func:`mim3d.data.preprocess.stored_spacing`) is stored at its source
+spacing, and crops interpolate it on read (:func:`mim3d.data.crops.read_interpolated`): a 3 mm
+scan at 1.5 mm takes half the bytes, and the crop equals the one of a fully resampled store up
+to 1 HU of rounding. ``"resampled"`` stores (and every version 1-2 store) hold the grid itself.
+
+Format version 1-2 stores (version 1: ``.npy`` only, no record.json) stay readable. The array
+format (:mod:`mim3d.data.formats`) is ``npy`` or the compressed, chunked ``blosc2``; both give
+partial reads, so a crop reads only what it touches. Intensities are windowed on the fly
 (:func:`normalize`), so one store serves any HU window. A store may live behind an fsspec URL
 (:mod:`mim3d.data.remote`).
 """
@@ -29,7 +36,7 @@ import numpy as np
 
 from mim3d.config import DataConfig, to_dict
 from mim3d.data.body import BODY_CELL, body_cells, body_mask
-from mim3d.data.crops import AIR_HU, crop_array, read_npy_crop
+from mim3d.data.crops import AIR_HU, crop_array, read_interpolated, read_npy_crop
 from mim3d.data.formats import ArrayFormat, DamagedArrayError, array_format
 from mim3d.data.intensity import minmax, normalize, window_hu, zscore
 from mim3d.data.manifest import (
@@ -44,19 +51,24 @@ from mim3d.data.manifest import (
 from mim3d.data.remote import StoreFiles, is_remote
 
 __all__ = [
-    "AIR_HU", "BODY_CELL", "DEFAULT_FORMAT", "FORMAT_VERSION", "PREPARE_KEYS", "CaseRecord",
-    "DamagedArrayError", "PreparedStore", "body_cells", "body_mask", "config_mismatch",
-    "crop_array", "is_remote", "minmax", "normalize", "read_manifest", "read_npy_crop",
-    "read_quarantine", "read_store_info", "window_hu", "zscore",
+    "AIR_HU", "BODY_CELL", "COARSE_AXES", "DEFAULT_COARSE_AXES", "DEFAULT_FORMAT",
+    "FORMAT_VERSION", "PREPARE_KEYS", "CaseRecord", "DamagedArrayError", "PreparedStore",
+    "body_cells", "body_mask", "config_mismatch", "crop_array", "is_remote", "minmax",
+    "normalize", "read_manifest", "read_npy_crop", "read_quarantine", "read_store_info",
+    "window_hu", "zscore",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FORMAT_NAME = "mim3d-prepared-store"
 #: Array format of new stores, set by the measurement in benchmarks/data_throughput.py.
 DEFAULT_FORMAT = "npy"
 STORE_JSON = "store.json"
 CASES_DIR = "cases"
 RECORD_JSON = "record.json"
+#: ``coarse_axes`` of new stores: "kept" (at source spacing, interpolated on read) or
+#: "resampled" (the grid itself, as format versions 1-2 stored every case).
+COARSE_AXES = ("kept", "resampled")
+DEFAULT_COARSE_AXES = "kept"
 # DataConfig fields that are baked into the stored arrays. The others (window, normalisation,
 # body-aware crop thresholds) are applied when crops are read, so they may differ between runs.
 PREPARE_KEYS = ("spacing", "body_hu")
@@ -112,6 +124,10 @@ def read_store_info(files: StoreFiles) -> dict[str, Any]:
         raise ValueError(f"{where}: store format version {version} was written by a newer mim3d "
                          f"(this one reads versions 1-{FORMAT_VERSION}); upgrade mim3d")
     info.setdefault("array_format", "npy")  # version 1 knew only .npy
+    info.setdefault("coarse_axes", "resampled")  # versions 1-2 stored every case on its grid
+    if info["coarse_axes"] not in COARSE_AXES:
+        raise ValueError(f"{where}: coarse_axes {info['coarse_axes']!r} in {STORE_JSON} is not "
+                         f"one of {', '.join(COARSE_AXES)}; upgrade mim3d to read this store")
     array_format(info["array_format"], info.get("format_params"))  # unknown -> clear error
     return info
 
@@ -191,7 +207,7 @@ class PreparedStore:
         return rec
 
     def shape(self, i: int) -> tuple[int, int, int]:
-        """(X, Y, Z) of case ``i``."""
+        """(X, Y, Z) of case ``i``'s grid (crops and labels are on it)."""
         return tuple(int(n) for n in self.index.shapes[i])
 
     def stats(self, i: int) -> CaseStats:
@@ -222,8 +238,9 @@ class PreparedStore:
         return handle
 
     def image(self, i: int) -> Any:
-        """Read handle of case ``i``'s int16 HU image (X, Y, Z): a read-only memmap for
-        ``npy`` stores, a blosc2 array for ``blosc2`` stores; both slice like numpy."""
+        """Read handle of case ``i``'s int16 HU image as stored (X, Y, Z): a read-only memmap
+        for ``npy`` stores, a blosc2 array for ``blosc2`` stores; both slice like numpy. Its
+        shape is the grid's unless coarse axes are kept (use :meth:`volume` for the grid)."""
         return self._handle(i, "image")
 
     def label(self, i: int) -> Any | None:
@@ -245,13 +262,25 @@ class PreparedStore:
             pad_value: HU written where the box lies outside the volume.
 
         Returns:
-            int16 array of shape ``size``.
+            Array of shape ``size``: int16 for a case stored on its grid, float32 where coarse
+            axes are interpolated on read.
 
         Raises:
             DamagedArrayError: (one line, naming the file) the image cannot be read back.
         """
-        handle = self.image(i)
-        return self.format.read_crop(handle, self.array_path(i, "image"), start, size, pad_value)
+        handle, path = self.image(i), self.array_path(i, "image")
+        step = self.index.step(i)
+        if step is None:
+            return self.format.read_crop(handle, path, start, size, pad_value)
+
+        def read(first: list[int], count: list[int]) -> np.ndarray:
+            return self.format.read_crop(handle, path, first, count, pad_value)
+
+        return read_interpolated(read, handle.shape, step, self.shape(i), start, size, pad_value)
+
+    def volume(self, i: int) -> np.ndarray:
+        """Case ``i``'s whole image on its grid (int16, or float32 with kept coarse axes)."""
+        return self.read_crop(i, (0, 0, 0), self.shape(i))
 
     def crop_body_fraction(self, i: int, start: Sequence[int], size: Sequence[int]) -> float:
         """Share of body voxels in a box, judged from body.npy only (outside counts as air).

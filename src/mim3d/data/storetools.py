@@ -42,8 +42,9 @@ __all__ = ["MergeReport", "VerifyReport", "merge_stores", "store_info", "verify_
 def store_info(location: str | Path) -> dict[str, Any]:
     """Summary of a store: cases, voxels, bytes on disk, compression, spacing and HU histograms.
 
-    ``compression_ratio`` is the raw int16 (image) + label bytes over the bytes the case files
-    take on disk (1.0 means no compression; the body grid counts on disk).
+    ``compression_ratio`` is the raw int16 (image) + label bytes of the cases' grids over the
+    bytes the case files take on disk (1.0 means no compression; the body grid counts on disk;
+    axes kept at a coarser spacing count as savings). ``kept_coarse`` counts those cases.
     """
     store = PreparedStore.open(location)
     records = list(store.cases)
@@ -61,7 +62,8 @@ def store_info(location: str | Path) -> dict[str, Any]:
         quarantine = []
     return {
         "store": str(store.root), "format_version": store.info["version"],
-        "array_format": store.info["array_format"], "cases": len(records),
+        "array_format": store.info["array_format"], "coarse_axes": store.info["coarse_axes"],
+        "kept_coarse": sum(r.stored_shape is not None for r in records), "cases": len(records),
         "total_voxels": int(sum(voxels)), "bytes_on_disk": int(on_disk),
         "compression_ratio": raw / on_disk if on_disk else float("nan"),
         "labelled": sum(r.has_label for r in records),
@@ -115,16 +117,16 @@ def _verify_case(store: PreparedStore, i: int, rec: CaseRecord) -> list[str]:
         for k, (have, want) in enumerate(zip(store.format.chunk_digests(handle),
                                              digests.get(kind, []))):
             if have != want:
-                box = store.format.chunk_region(rec.shape, k)
+                box = store.format.chunk_region(handle.shape, k)  # in the file's voxels
                 where = ", ".join(f"{a}={lo}:{hi}" for a, (lo, hi) in zip("xyz", box))
                 problems.append(f"{kind} chunk {k} ({where}) is damaged (digest differs)")
     try:
         image = store.format.read_all(store.image(i))
     except (RuntimeError, ValueError) as err:
         return [*problems, f"image cannot be decompressed ({err})"]
-    if tuple(image.shape) != tuple(rec.shape) or image.dtype != np.int16:
+    if tuple(image.shape) != rec.image_shape or image.dtype != np.int16:
         problems.append(f"image is {image.dtype}{tuple(image.shape)}, the manifest says "
-                        f"int16{tuple(rec.shape)}")
+                        f"int16{rec.image_shape}")
     elif hashlib.sha256(np.ascontiguousarray(image).data).hexdigest() != rec.sha256:
         problems.append("image content differs from the manifest's SHA-256")
     store.body(i)  # an unreadable body grid raises DamagedArrayError
@@ -166,7 +168,7 @@ def merge_stores(parts: Sequence[str | Path], out: str | Path) -> MergeReport:
     infos = [read_store_info(StoreFiles(p)) for p in parts]
     first = infos[0]
     for part, info in zip(parts, infos):
-        for key in ("array_format", "format_params", "data"):
+        for key in ("array_format", "format_params", "coarse_axes", "data"):
             if info.get(key) != first.get(key):
                 raise ValueError(f"{part}: {key} differs from {parts[0]}'s; only parts of one "
                                  "prepare (same preset and --format) can be merged")
@@ -198,7 +200,8 @@ def _init_like(root: Path, info: dict[str, Any]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     if (root / "store.json").is_file():
         have = read_store_info(StoreFiles(root))
-        if any(have.get(k) != info.get(k) for k in ("array_format", "format_params", "data")):
+        if any(have.get(k) != info.get(k)
+               for k in ("array_format", "format_params", "coarse_axes", "data")):
             raise ValueError(f"{root}: the store's settings differ from the parts'; merge into "
                              "a new --out")
         return
