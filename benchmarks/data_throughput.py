@@ -5,13 +5,16 @@ so that other load on the machine hits all of them alike:
 
 * **bytes**: the four real CTs of ``../shared/data/ct`` (the DICOM series written once as
   .nii.gz for the reference) prepared at native spacing and at 1.5 mm into ``npy`` and
-  ``blosc2`` stores, plus a Zarr v3 copy of the npy store (blosc, the blosc2 store's codec and chunks,
-  the ecosystem's chunked format); ratio = store case files / .nii.gz sources. At 1.5 mm the
+  ``blosc2`` stores, plus a Zarr v3 copy of the npy store (blosc with the blosc2 store's codec,
+  64^3 chunks; the ecosystem's chunked format); ratio = store case files / .nii.gz sources. At 1.5 mm the
   stores keep coarse axes at source spacing (the default); ``*_resampled`` stores do not.
 * **crop speed**: a phantom cohort (``mim3d.data.phantom``) at native 0.8 mm, random 192^3
   crops through ``PretrainCropDataset`` (windowed float32) for npy and blosc2, and the same
   crops read from the Zarr copy and windowed alike; *warm* = the case's files read whole (into
   the page cache) before every crop, *cold* = them evicted (``posix_fadvise(DONTNEED)``).
+* **long volumes**: the same crops (warm) from a cohort twice as long along z (448 slices, a
+  chest-abdomen length instead of an abdomen's), since an npy crop reads whole z rows and so
+  costs more the longer the volume, while a blosc2 crop decodes only the blocks it touches.
 * **thick slices at 1.5 mm**: a phantom cohort with 3 mm slices prepared at 1.5 mm, random
   192^3 crops (warm) from stores that keep z at 3 mm and interpolate on read, and from stores
   resampled at prepare, npy and blosc2, interleaved alike (crops agree to 1 HU).
@@ -59,10 +62,12 @@ RESULTS = HERE / "results"
 REAL = HERE.parent.parent / "shared" / "data" / "ct"
 FULL = {"cases": 6, "shape": (256, 256, 224), "spacing": (0.8, 0.8, 1.0), "crop": 192,
         "crops": 40, "monai_crops": 8, "pretrain": (4, 2),
-        "thick": {"cases": 4, "shape": (384, 384, 100), "spacing": (0.8, 0.8, 3.0)}}
+        "thick": {"cases": 4, "shape": (384, 384, 100), "spacing": (0.8, 0.8, 3.0)},
+        "long": {"cases": 4, "shape": (256, 256, 448), "spacing": (0.8, 0.8, 1.0)}}
 QUICK = {"cases": 2, "shape": (96, 96, 80), "spacing": (1.5, 1.5, 2.0), "crop": 64, "crops": 4,
          "monai_crops": 2, "pretrain": None,
-         "thick": {"cases": 2, "shape": (64, 64, 34), "spacing": (1.5, 1.5, 3.0)}}
+         "thick": {"cases": 2, "shape": (64, 64, 34), "spacing": (1.5, 1.5, 3.0)},
+         "long": {"cases": 1, "shape": (96, 96, 160), "spacing": (1.5, 1.5, 2.0)}}
 MM15 = (1.5, 1.5, 1.5)
 FORMATS = ("npy", "blosc2")
 TARGETS = {"bytes_vs_nii_gz": 1.0, "crop_speed_vs_npy": 0.8, "speedup_vs_monai": 20.0,
@@ -122,8 +127,8 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _zarr_copy(npy_store: Path, out: Path) -> Path:
-    """The npy store's images as Zarr v3 arrays (blosc with the blosc2 store's codec, level,
-    shuffle and chunks)."""
+    """The npy store's images as Zarr v3 arrays (blosc with the blosc2 store's codec, level and
+    shuffle, 64^3 chunks: a Zarr chunk is its decode unit, so whole-z ones would be slower)."""
     import zarr
     from zarr.codecs import BloscCodec
 
@@ -211,6 +216,18 @@ def _crop_readers(stores: dict[str, Path], crop: int, data: DataConfig,
 
         readers["zarr"] = zarr_crop
     return readers, {k: case_files(k) for k in readers}
+
+
+def _long_volumes(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Warm native crops per format from a cohort of long volumes (module docstring)."""
+    long = cfg["long"]
+    datalist = write_cohort(work / "long", long["cases"], seed=2, shape=long["shape"],
+                            spacing=long["spacing"])
+    stores = {f: work / f"long_{f}" for f in FORMATS}
+    for fmt, store in stores.items():
+        prepare([datalist], store, data=DataConfig(), workers=2, progress=False, fmt=fmt)
+    readers, files = _crop_readers(stores, cfg["crop"], DataConfig())
+    return _crop_speed(readers, files, cfg["crops"], modes=("warm",))["warm"]
 
 
 def _thick_slices(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -325,6 +342,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                    DataConfig(), zarr_of=work / "store_npy")
     speed = _crop_speed(readers, files, cfg["crops"])
     thick = _thick_slices(work, cfg)
+    long = _long_volumes(work, cfg)
     sources = [c.source for c in PreparedStore.open(work / "store_npy").cases]
     monai = _monai_crops_per_s(sources, cfg["crop"], cfg["monai_crops"])
     real = None
@@ -332,22 +350,23 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         sources = real_sources(work)
         real = _bytes(sources[-2:-1] if args.quick else sources, work)
     wait = _data_wait(work, datalist, *cfg["pretrain"]) if cfg["pretrain"] else None
-    return _summary(cfg, speed, monai, real, wait, prep_s, load_start, thick)
+    return _summary(cfg, speed, monai, real, wait, prep_s, load_start, thick, long)
 
 
 def _summary(cfg: dict[str, Any], speed: dict[str, Any], monai: float, real: Any, wait: Any,
              prep_s: dict[str, float], load_start: list[float],
-             thick: dict[str, Any]) -> dict[str, Any]:
+             thick: dict[str, Any], long: dict[str, float]) -> dict[str, Any]:
     """Headline figures, target checks and the format decision, plus everything measured."""
     new = "blosc2"
     ratio = {m: speed[m][new] / speed[m]["npy"] for m in ("warm", "cold")}
     head: dict[str, Any] = {
         "crop_speed_ratio_vs_npy_store_warm": ratio["warm"],
         "crop_speed_ratio_vs_npy_store_cold": ratio["cold"],
+        "crop_speed_ratio_vs_npy_store_warm_long_volumes": long[new] / long["npy"],
         "zarr_crop_speed_ratio_vs_npy_store_warm": speed["warm"]["zarr"] / speed["warm"]["npy"],
         "zarr_crop_speed_ratio_vs_npy_store_cold": speed["cold"]["zarr"] / speed["cold"]["npy"],
         "crop_speedup_vs_monai": speed["warm"][DEFAULT_FORMAT] / monai,
-        "blosc2_crop_speedup_vs_monai": speed["warm"][new] / monai,
+        "npy_crop_speedup_vs_monai": speed["warm"]["npy"] / monai,
         **{f"thick_1p5mm_kept_vs_resampled_crop_speed_{f}":
            thick["crops_per_s"][f"{f}_kept"] / thick["crops_per_s"][f"{f}_resampled"]
            for f in FORMATS},
@@ -374,7 +393,7 @@ def _summary(cfg: dict[str, Any], speed: dict[str, Any], monai: float, real: Any
             "default_format_now": DEFAULT_FORMAT,
             "default_format_by_targets": new if all(met.values()) else "npy",
             "crops_per_s": speed, "monai_crops_per_s": monai, "bytes_real_ct": real,
-            "thick_slices_1p5mm": thick,
+            "thick_slices_1p5mm": thick, "long_volumes_warm_crops_per_s": long,
             "settings": {"mode": "full" if cfg["pretrain"] else "quick", **{
                 k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
                 "blosc2": BLOSC2_DEFAULTS, "prepare_s": prep_s, "monai_reader": "NibabelReader",

@@ -42,7 +42,7 @@ import torch
 from data_throughput import FULL, QUICK, REAL, emit, read_whole, real_sources, steady_malloc
 
 from mim3d.config import DataConfig
-from mim3d.data.formats import BLOSC2_DEFAULTS
+from mim3d.data.formats import BLOSC2_DEFAULTS, Blosc2Format
 from mim3d.data.intensity import normalize
 from mim3d.data.phantom import write_cohort
 from mim3d.data.prepare import prepare
@@ -136,8 +136,7 @@ def _image_bytes(store: Path, params: dict[str, Any] | None) -> list[int]:
     out = []
     for i in range(len(st)):
         image = np.asarray(st.image(i))
-        chunks = tuple(min(c, n) for c, n in zip(BLOSC2_DEFAULTS["chunks"], image.shape))
-        blocks = tuple(min(b, c) for b, c in zip(BLOSC2_DEFAULTS["blocks"], chunks))
+        chunks, blocks = Blosc2Format().layout(image.shape)
         arr = blosc2.asarray(image, chunks=chunks, blocks=blocks, cparams=cparams)
         out.append(int(arr.schunk.cbytes))
     return out

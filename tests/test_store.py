@@ -68,9 +68,8 @@ def test_prepare_stores_ras_voxels_and_geometry(three_cases: Path, tmp_path: Pat
     assert [c.name for c in store.cases] == ["a", "b", "c"]
     for i, rec in enumerate(store.cases):
         ref, ref_affine = _canonical(three_cases / f"{rec.name}.nii.gz")
-        image = store.image(i)
-        assert isinstance(image, np.memmap) and image.dtype == np.int16
-        assert image.flags.c_contiguous and image.shape == ref.shape == rec.shape
+        image = store.image(i)[...]
+        assert image.dtype == np.int16 and image.shape == ref.shape == rec.shape
         np.testing.assert_array_equal(image, ref)
         np.testing.assert_allclose(rec.affine, ref_affine, atol=1e-5)
         np.testing.assert_allclose(rec.spacing, np.linalg.norm(ref_affine[:3, :3], axis=0))
@@ -82,7 +81,7 @@ def test_prepare_stores_ras_voxels_and_geometry(three_cases: Path, tmp_path: Pat
     np.testing.assert_allclose(store.cases[1].spacing, (1.2, 1.0, 2.0))  # permuted source
     info = json.loads((tmp_path / "store" / "store.json").read_text())
     assert info["version"] == 3 and info["data"]["hu_window"] == [-1000.0, 1000.0]
-    assert info["array_format"] == "npy"  # the default format (see DEFAULT_FORMAT)
+    assert info["array_format"] == "blosc2"  # the default format (see DEFAULT_FORMAT)
 
 
 def test_resampling_to_spacing(tmp_path: Path) -> None:
@@ -134,7 +133,7 @@ def test_rerun_skips_and_interrupted_run_resumes(three_cases: Path, tmp_path: Pa
     # plus a half-written line from a crash in the middle of an append.
     lines = (out / "manifest.jsonl").read_text().splitlines(keepends=True)
     (out / "manifest.jsonl").write_text("".join(lines[:-1]) + lines[-1][:40])
-    assert (out / "cases" / "c" / "image.npy").is_file()
+    assert (out / "cases" / "c" / "image.b2nd").is_file()
     resumed = _prepare([three_cases], out, workers=0)
     assert (resumed.prepared, resumed.skipped) == (1, 2)
     records = read_manifest(out / "manifest.jsonl")

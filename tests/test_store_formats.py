@@ -14,6 +14,7 @@ from conftest import write_nifti
 
 from mim3d.cli import main
 from mim3d.config import DataConfig
+from mim3d.data.formats import BLOSC2_DEFAULTS, Blosc2Format
 from mim3d.data.manifest import HU_EDGES, read_quarantine
 from mim3d.data.prepare import prepare
 from mim3d.data.sampler import PretrainCropDataset
@@ -75,6 +76,25 @@ def test_blosc2_equals_npy_voxel_for_voxel(pair: dict[str, Path]) -> None:
     assert b2.label(1) is None
     size = {f: store_info(p)["bytes_on_disk"] for f, p in pair.items()}
     assert size["blosc2"] < 0.75 * size["npy"], size  # half the volume is air
+
+
+def test_blosc2_layout_spans_short_z_and_tiles_long_volumes(tmp_path: Path) -> None:
+    """Short volumes get whole-z chunks (long block rows to copy), long ones 64^3 tiles; a store
+    written before ``short_z`` existed keeps 64^3 everywhere, and chunk regions follow."""
+    fmt = Blosc2Format()
+    assert fmt.layout((300, 512, 224)) == ((16, 256, 224), (4, 16, 224))
+    assert fmt.layout((300, 512, 257)) == ((64, 64, 64), (32, 32, 32))
+    assert fmt.layout((10, 100, 40)) == ((10, 100, 40), (4, 16, 40))
+    old = Blosc2Format(**{k: v for k, v in BLOSC2_DEFAULTS.items() if k != "short_z"})
+    assert old.layout((300, 512, 224)) == ((64, 64, 64), (32, 32, 32))
+    arr = np.arange(40 * 300 * 30, dtype=np.int16).reshape(40, 300, 30)
+    fmt.write(tmp_path / "a.b2nd", arr)
+    handle = fmt.open(tmp_path / "a.b2nd")
+    assert tuple(handle.chunks) == (16, 256, 30) and tuple(handle.blocks) == (4, 16, 30)
+    assert len(fmt.chunk_digests(handle)) == 3 * 2  # ceil(40 / 16) x ceil(300 / 256)
+    assert fmt.chunk_region(arr.shape, 5) == ((32, 40), (256, 300), (0, 30))
+    np.testing.assert_array_equal(fmt.read_crop(handle, tmp_path / "a.b2nd", (30, 250, -2),
+                                                (12, 20, 8), -1)[:10, :, 2:], arr[30:, 250:270, :6])
 
 
 def test_info_counts_and_histograms(pair: dict[str, Path]) -> None:

@@ -164,8 +164,8 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="store folder (created; re-running resumes)")
     p.add_argument("--workers", type=int, default=2, help="parallel reader processes")
     p.add_argument("--format", choices=("blosc2", "npy"), default=None,
-                   help="array format of a new store: blosc2 (compressed, chunked, needs "
-                   "mim3d[store]) or npy (raw, the default); an existing store keeps its own")
+                   help="array format of a new store: blosc2 (compressed, chunked, the "
+                   "default) or npy (raw, no compression); an existing store keeps its own")
     p.add_argument("--coarse-axes", choices=("kept", "resampled"), default=None,
                    help="a new store keeps axes at least 1.2x coarser than the preset's spacing "
                    "(thick slices) at their source spacing and interpolates them when a crop is "

@@ -61,7 +61,7 @@ __all__ = [
 FORMAT_VERSION = 3
 FORMAT_NAME = "mim3d-prepared-store"
 #: Array format of new stores, set by the measurement in benchmarks/data_throughput.py.
-DEFAULT_FORMAT = "npy"
+DEFAULT_FORMAT = "blosc2"
 STORE_JSON = "store.json"
 CASES_DIR = "cases"
 RECORD_JSON = "record.json"
