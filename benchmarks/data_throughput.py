@@ -6,8 +6,9 @@ so that other load on the machine hits all of them alike:
 * **bytes**: the four real CTs of ``../shared/data/ct`` (the DICOM series written once as
   .nii.gz for the reference) prepared at native spacing and at 1.5 mm into ``npy`` and
   ``blosc2`` stores, plus a Zarr v3 copy of the npy store (blosc with the blosc2 store's codec,
-  64^3 chunks; the ecosystem's chunked format); ratio = store case files / .nii.gz sources. At 1.5 mm the
-  stores keep coarse axes at source spacing (the default); ``*_resampled`` stores do not.
+  64^3 chunks; the ecosystem's chunked format); ratio = store case files / .nii.gz sources.
+  At 1.5 mm the stores keep coarse axes at source spacing (the default); ``*_resampled``
+  stores do not.
 * **crop speed**: a phantom cohort (``mim3d.data.phantom``) at native 0.8 mm, random 192^3
   crops through ``PretrainCropDataset`` (windowed float32) for npy and blosc2, and the same
   crops read from the Zarr copy and windowed alike; *warm* = the case's files read whole (into

@@ -35,8 +35,8 @@ NPY_SLAB = 64  # x-planes per verification chunk of a .npy file
 #: blocks decode faster than 16^3 (fewer per-block calls per 192^3 crop) at the same bytes.
 #: ``short_z``: an array at most ``upto`` voxels long along z gets whole-z chunks and blocks
 #: instead, so a crop copies rows as long as the crop out of each block, not 32-voxel pieces
-#: (warm 192^3 crops of 224-slice volumes 0.81 -> 0.91x npy, +0.3 % bytes; decoding all of z
-#: costs little while z is that short).
+#: (data_throughput: warm 192^3 crops of 224-slice volumes went from 0.76-0.80 to 0.90-0.95x
+#: npy for +0.3 % bytes; decoding all of z costs little while z is that short).
 BLOSC2_DEFAULTS: dict[str, Any] = {"codec": "LZ4HC", "clevel": 9, "filter": "SHUFFLE",
                                    "chunks": [64, 64, 64], "blocks": [32, 32, 32],
                                    "short_z": {"upto": 256, "chunks": [16, 256],
@@ -154,7 +154,8 @@ class Blosc2Format(ArrayFormat):
             import blosc2
         except ImportError:
             raise ValueError("the blosc2 store format needs the blosc2 package (a mim3d "
-                             "dependency): pip install blosc2, or prepare with --format npy") from None
+                             "dependency): pip install blosc2, or prepare with --format npy"
+                             ) from None
         return blosc2
 
     def check_available(self) -> None:
