@@ -63,12 +63,12 @@ RESULTS = HERE / "results"
 REAL = HERE.parent.parent / "shared" / "data" / "ct"
 FULL = {"cases": 6, "shape": (256, 256, 224), "spacing": (0.8, 0.8, 1.0), "crop": 192,
         "crops": 40, "monai_crops": 8, "pretrain": (4, 2),
-        "thick": {"cases": 4, "shape": (384, 384, 100), "spacing": (0.8, 0.8, 3.0)},
-        "long": {"cases": 4, "shape": (256, 256, 448), "spacing": (0.8, 0.8, 1.0)}}
+        "thick": {"cases": 4, "shape": (384, 384, 100), "spacing": (0.8, 0.8, 3.0), "seed": 1},
+        "long": {"cases": 4, "shape": (256, 256, 448), "spacing": (0.8, 0.8, 1.0), "seed": 2}}
 QUICK = {"cases": 2, "shape": (96, 96, 80), "spacing": (1.5, 1.5, 2.0), "crop": 64, "crops": 4,
          "monai_crops": 2, "pretrain": None,
-         "thick": {"cases": 2, "shape": (64, 64, 34), "spacing": (1.5, 1.5, 3.0)},
-         "long": {"cases": 1, "shape": (96, 96, 160), "spacing": (1.5, 1.5, 2.0)}}
+         "thick": {"cases": 2, "shape": (64, 64, 34), "spacing": (1.5, 1.5, 3.0), "seed": 1},
+         "long": {"cases": 1, "shape": (96, 96, 160), "spacing": (1.5, 1.5, 2.0), "seed": 2}}
 MM15 = (1.5, 1.5, 1.5)
 FORMATS = ("npy", "blosc2")
 TARGETS = {"bytes_vs_nii_gz": 1.0, "crop_speed_vs_npy": 0.8, "speedup_vs_monai": 20.0,
@@ -219,37 +219,49 @@ def _crop_readers(stores: dict[str, Path], crop: int, data: DataConfig,
     return readers, {k: case_files(k) for k in readers}
 
 
-def _long_volumes(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+def _warm_cohort(work: Path, cfg: dict[str, Any], name: str, data: DataConfig,
+                 variants: dict[str, tuple[str, str]], atol: float = 0.0) -> dict[str, float]:
+    """Warm crops/s of one extra phantom cohort (``cfg[name]``) per store variant.
+
+    Args:
+        variants: candidate name -> (array format, coarse_axes) of its store.
+        atol: how far the candidates' crops may differ (0: identical).
+    """
+    cohort = cfg[name]
+    datalist = write_cohort(work / name, cohort["cases"], seed=cohort["seed"],
+                            shape=cohort["shape"], spacing=cohort["spacing"])
+    stores = {key: work / f"{name}_{key}" for key in variants}
+    for key, (fmt, coarse) in variants.items():
+        prepare([datalist], stores[key], data=data, workers=2, progress=False, fmt=fmt,
+                coarse_axes=coarse)
+    readers, files = _crop_readers(stores, cfg["crop"], data)
+    return _crop_speed(readers, files, cfg["crops"], modes=("warm",), atol=atol)["warm"]
+
+
+def _long_volumes(work: Path, cfg: dict[str, Any]) -> dict[str, float]:
     """Warm native crops per format from a cohort of long volumes (module docstring)."""
-    long = cfg["long"]
-    datalist = write_cohort(work / "long", long["cases"], seed=2, shape=long["shape"],
-                            spacing=long["spacing"])
-    stores = {f: work / f"long_{f}" for f in FORMATS}
-    for fmt, store in stores.items():
-        prepare([datalist], store, data=DataConfig(), workers=2, progress=False, fmt=fmt)
-    readers, files = _crop_readers(stores, cfg["crop"], DataConfig())
-    return _crop_speed(readers, files, cfg["crops"], modes=("warm",))["warm"]
+    return _warm_cohort(work, cfg, "long", DataConfig(), {f: (f, "kept") for f in FORMATS})
 
 
 def _thick_slices(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """Warm 1.5 mm crops of 3 mm-slice phantoms: z kept and interpolated vs resampled."""
-    thick = cfg["thick"]
-    datalist = write_cohort(work / "thick", thick["cases"], seed=1, shape=thick["shape"],
-                            spacing=thick["spacing"])
-    data, stores = DataConfig(spacing=MM15), {}
-    for coarse in ("kept", "resampled"):
-        for fmt in FORMATS:
-            stores[f"{fmt}_{coarse}"] = work / f"thick_{fmt}_{coarse}"
-            prepare([datalist], stores[f"{fmt}_{coarse}"], data=data, workers=2,
-                    progress=False, fmt=fmt, coarse_axes=coarse)
-    readers, files = _crop_readers(stores, cfg["crop"], data)
+    data = DataConfig(spacing=MM15)
+    variants = {f"{f}_{c}": (f, c) for c in ("kept", "resampled") for f in FORMATS}
     lo, hi = data.hu_window
-    speed = _crop_speed(readers, files, cfg["crops"], modes=("warm",),
-                        atol=1.0 / (hi - lo) + 1e-6)["warm"]
-    grid = PreparedStore.open(stores["npy_kept"]).cases[0]
+    speed = _warm_cohort(work, cfg, "thick", data, variants, atol=1.0 / (hi - lo) + 1e-6)
+    kept = PreparedStore.open(work / "thick_npy_kept")
+    grid = kept.cases[0]
     return {"crops_per_s": speed, "case_grid": list(grid.shape),
             "stored_shape": list(grid.stored_shape or grid.shape),
-            "bytes": {k: store_info(p)["bytes_on_disk"] for k, p in stores.items()}}
+            "bytes": {k: store_info(work / f"thick_{k}")["bytes_on_disk"] for k in variants}}
+
+
+def machine(load_start: list[float]) -> dict[str, Any]:
+    """The machine a result was measured on, with the load averages at start and end."""
+    return {"os_cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "platform": platform.platform(),
+            "loadavg_start": load_start, "loadavg_end": list(os.getloadavg())}
 
 
 def _crop_speed(readers: dict[str, Callable[[int], Any]],
@@ -400,10 +412,7 @@ def _summary(cfg: dict[str, Any], speed: dict[str, Any], monai: float, real: Any
                 "blosc2": BLOSC2_DEFAULTS, "prepare_s": prep_s, "monai_reader": "NibabelReader",
                 "timing": "one process, candidates interleaved crop by crop, 1 warm-up each; "
                           "steady_malloc: glibc mmap threshold fixed at 64 MiB"},
-            "machine": {"os_cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "python": platform.python_version(), "torch": torch.__version__,
-                        "numpy": np.__version__, "platform": platform.platform(),
-                        "loadavg_start": load_start, "loadavg_end": list(os.getloadavg()),
+            "machine": {**machine(load_start),
                         "note": "ratios were measured side by side; absolute figures depend on "
                                 "the load averages above"}}
 
