@@ -3,7 +3,8 @@
 The hybrid encoder's ConvBlocks feed the 5^3 depthwise conv a channels-last view. On an H200,
 cuDNN's channels-last bf16 depthwise *weight-gradient* kernel took 98% of a MiM base step, so
 ``depthwise_conv3d`` handed cuDNN channels-first memory on CUDA; since issue 12 the library's
-default there is mim3d's Triton kernel (``library``), cuDNN channels-first is ``library_cudnn``.
+default there is mim3d's Triton kernel (``library``; ``library_wgrad_per_tap`` is the same with
+the first weight-gradient split, one tap per program), cuDNN channels-first is ``library_cudnn``.
 This script measures those and the four cuDNN layouts x precisions side by side in one run: the
 conv alone (fwd+bwd, batch 2) and one real ``train_step`` of the ``base`` preset on a 192^3 level-1 crop (21 volumes,
 bf16 autocast), with ``depthwise_conv3d`` replaced by each variant.
@@ -27,6 +28,7 @@ from torch import Tensor
 from mim3d.config import load_config
 from mim3d.engine.train import train_step
 from mim3d.factory import build_mim, geometry_from_config
+from mim3d.kernels import depthwise
 from mim3d.models import layers
 
 OUT = Path(__file__).parent / "results" / "depthwise_cuda.json"
@@ -110,18 +112,23 @@ def main() -> int:
         def cudnn(x: Tensor, w: Tensor, b: Tensor | None, padding: int, impl: str = "") -> Tensor:
             return original(x, w, b, padding, "cudnn")
 
-        for name, conv in {"library": original, "library_cudnn": cudnn, **VARIANTS}.items():
+        runs = {"library": (original, depthwise.WGRAD),
+                "library_wgrad_per_tap": (original, depthwise.WGRAD_PER_TAP),
+                "library_cudnn": (cudnn, None), **{k: (v, None) for k, v in VARIANTS.items()}}
+        for name, (conv, wgrad) in runs.items():
+            depthwise._WGRAD = wgrad or depthwise.WGRAD  # the split the backward passes use
             step_s, peak = mim_step(conv)
             results[name] = {"dw_2x48x48^3_s": conv_alone(conv, (2, 48, 48, 48, 48)),
                              "dw_2x96x24^3_s": conv_alone(conv, (2, 96, 24, 24, 24)),
                              "mim_sample_step_s": step_s, "peak_mib": peak}
             torch.cuda.empty_cache()
     finally:
-        layers.depthwise_conv3d = original
+        layers.depthwise_conv3d, depthwise._WGRAD = original, depthwise.WGRAD
     speedup = (results["bf16_channels_last"]["mim_sample_step_s"]
                / results["bf16_channels_first"]["mim_sample_step_s"])
     for name, r in results.items():
         print(f"RESULT mim_sample_step_s_{name} {r['mim_sample_step_s']:.4g}")
+        print(f"RESULT dw_2x48x48^3_s_{name} {r['dw_2x48x48^3_s']:.4g}")
     print(f"RESULT mim_step_speedup_channels_first {speedup:.3g}")
     OUT.write_text(json.dumps({"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(0),
                                "torch": torch.__version__, "variants": results,
