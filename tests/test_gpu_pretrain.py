@@ -70,3 +70,31 @@ def test_quick_run_writes_every_result(tmp_path: Path, capsys: pytest.CaptureFix
     assert {r["variant"] for r in doc["rows"]} == {
         "before", "after", "after_no_conv_recompute", "after_plus_block_checkpointing",
         "after_plus_bf16_saved"}
+
+
+def test_activation_memory_tally_counts_each_saved_storage_once() -> None:
+    """A bf16 linear keeps its input's and its weight's bf16 copies (the weight itself is not
+    counted), and a tensor saved twice counts once: 8x16x2 + 4x16x2 + 8x4x4 bytes."""
+    import torch
+    import torch.nn.functional as F
+
+    am = _load("activation_memory")
+    w = torch.nn.Parameter(torch.randn(4, 16))
+    tally = am._Tally({w.untyped_storage()._cdata})
+    x = torch.randn(8, 16, requires_grad=True)
+    with am._counting(tally), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = F.linear(x, w).float()
+        _ = (y * y).sum() + (y * y).sum()  # y saved by both products: one storage
+    assert tally.by_dtype() == {"bfloat16": (8 * 16 * 2 + 4 * 16 * 2) / 2**30,
+                                "float32": 8 * 4 * 4 / 2**30}
+
+
+def test_base_sample_saves_under_budget_with_cuda_defaults() -> None:
+    """MiM base, CUDA's defaults (one pass, conv recompute), bf16: what backward keeps per sample
+    stays under 3 GiB (the 4 GiB peak target minus room for backward's transients), and conv
+    recompute is what gets it there."""
+    am = _load("activation_memory")
+    after = am.saved_gib("base", (), am.AFTER)
+    no_recompute = am.saved_gib("base", (), am.MEMORY[0])
+    assert 1.0 < after["saved_gib"] < 3.0, after
+    assert no_recompute["saved_gib"] > 3 * after["saved_gib"], no_recompute

@@ -201,6 +201,17 @@ def test_readme_benchmark_figures_quote_the_committed_json() -> None:
                    f"time per volume {eff['time_ratio_mim_vs_swinssl']:.2f}x",
                    f"per sample {eff['time_ratio_per_sample_mim_vs_swinssl']:.1f}x"):
         assert figure in row, (figure, row)
+    am = _result("activation_memory")["results"]
+    row = _readme_row("| activation memory (issue 12) |")
+    for figure in (f"**{am['saved_gib_per_sample_before']:.2f} GiB** per MiM base sample",
+                   f"**{am['saved_gib_per_sample_after']:.2f} GiB** with the CUDA defaults",
+                   f"{am['saved_gib_per_sample_after_no_conv_recompute']:.2f} without conv",
+                   f"checkpointing {am['saved_gib_per_sample_after_plus_block_checkpointing']:.2f}",
+                   f"activations {am['saved_gib_per_sample_after_plus_bf16_saved']:.2f}"):
+        assert figure in row, (figure, row)
+    bf16_gain = am["saved_gib_per_sample_after"] - am["saved_gib_per_sample_after_plus_bf16_saved"]
+    assert (f"it saves {bf16_gain:.2f} of the {am['saved_gib_per_sample_after']:.2f} GiB"
+            in " ".join(readme.split())), "README's bf16 saved-activations sentence"
     dw = _result("depthwise_cuda")
     row = _readme_row("| efficiency on a GPU |")
     lib = dw["variants"]["library"]
