@@ -111,6 +111,7 @@ def _conv_block_case() -> dict:
             return fn(*args, **kwargs)
         return run
 
+    originals = depthwise.dw_conv3d_forward, depthwise.dw_conv3d_weight_grad
     depthwise.dw_conv3d_forward = spy(depthwise.dw_conv3d_forward, 1)
     depthwise.dw_conv3d_weight_grad = spy(depthwise.dw_conv3d_weight_grad, 2)
     conv_mod._use_triton = lambda x, impl: impl != "cudnn"  # the CUDA dispatch, on the CPU
@@ -129,6 +130,7 @@ def _conv_block_case() -> dict:
         (y.float() ** 2).mean().backward()
         results.append([y.detach().float(), xi.grad.float(),
                         *(p.grad.float() for p in block.parameters())])
+    depthwise.dw_conv3d_forward, depthwise.dw_conv3d_weight_grad = originals
     errors = [float((a - b).norm() / b.norm()) for a, b in zip(*results, strict=True)]
     return {"max_rel_error": max(errors), "calls": seen}
 
@@ -145,6 +147,14 @@ def _main() -> None:
     out["base_split"] = {f"b{b}": depthwise.wgrad_split(21 * b * 48**3, cfg.block_p, cfg.tiles)
                          for b in (28, 29)}
     out["conv_block"] = _conv_block_case()
+    import torch
+
+    huge = torch.zeros(1, 2, 1, 1, 1).expand(1, 2, 2**11, 2**11, 2**9)  # 2^31 voxels, no memory
+    try:
+        depthwise.dw_conv3d_forward(huge, torch.zeros(2, 1, 3, 3, 3), None)
+        out["too_many_voxels"] = None
+    except ValueError as e:
+        out["too_many_voxels"] = str(e)
     print(json.dumps(out))
 
 
@@ -183,6 +193,11 @@ def test_conv_block_on_triton_matches_and_stays_channels_last(interpreted: dict)
     assert names.count("dw_conv3d_forward") == 3, names  # forward, recompute, input grad
     assert names.count("dw_conv3d_weight_grad") == 1, names
     assert all(channels_last for _, channels_last in r["calls"]), r["calls"]
+
+
+def test_more_voxels_than_int32_indices_is_one_clear_error(interpreted: dict) -> None:
+    message = interpreted["too_many_voxels"]
+    assert message and "at most" in message and "depthwise_impl=cudnn" in message, message
 
 
 def test_weight_grad_split_respects_the_grid_limit(interpreted: dict) -> None:
