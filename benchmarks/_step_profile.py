@@ -128,3 +128,56 @@ def gemm_peak(dev: torch.device, dtype: torch.dtype = torch.float32, n: int = 20
         sync(dev)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def depthwise_ms(dev: torch.device, shapes: dict[str, tuple[int, ...]],
+                 reps: int = 5) -> dict[str, dict[str, float]]:
+    """Milliseconds of one 5^3 depthwise conv, forward + both gradients, per implementation.
+
+    ``shapes`` name (B, C, D, H, W) inputs (channels-last memory, bf16 autocast on CUDA). On
+    CUDA: cuDNN (channels-first, the ``before`` path), the Triton kernels with the default
+    weight-gradient split, and with one tap per weight-gradient program; on the CPU the library's
+    CPU path alone. Each is the best of ``reps`` timed runs after two warm-ups.
+    """
+    from mim3d.kernels import triton_available
+
+    variants: dict[str, tuple[str, Any]] = {"cudnn": ("cudnn", None)}
+    if dev.type == "cuda" and triton_available():
+        from mim3d.kernels import depthwise  # imports triton
+
+        variants |= {"triton": ("triton", depthwise.WGRAD),
+                     "triton_wgrad_per_tap": ("triton", depthwise.WGRAD_PER_TAP)}
+    out: dict[str, dict[str, float]] = {}
+    for name, (impl, split) in variants.items():
+        if split is not None:  # the split the backward pass reads
+            depthwise._WGRAD = split
+        try:
+            out[name] = {label: 1e3 * _time_depthwise(dev, shape, impl, reps)
+                         for label, shape in shapes.items()}
+        finally:
+            if split is not None:
+                depthwise._WGRAD = depthwise.WGRAD
+    return out
+
+
+def _time_depthwise(dev: torch.device, shape: tuple[int, ...], impl: str, reps: int) -> float:
+    from mim3d.kernels.conv import depthwise_conv3d
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(*shape, device=dev, generator=g).contiguous(
+        memory_format=torch.channels_last_3d).requires_grad_()
+    w = torch.randn(shape[1], 1, 5, 5, 5, device=dev, generator=g, requires_grad=True)
+    b = torch.zeros(shape[1], device=dev, requires_grad=True)
+    grad = torch.randn_like(x)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    best = float("inf")
+    for i in range(reps + 2):
+        sync(dev)
+        t0 = time.perf_counter()
+        with autocast:
+            y = depthwise_conv3d(x, w, b, 2, impl)
+        y.backward(grad.to(y.dtype))
+        sync(dev)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t0)
+    return best

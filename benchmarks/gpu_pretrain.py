@@ -14,6 +14,9 @@ one process:
   transformer-block checkpointing on top, and with bf16 saved activations on top, so the speed
   cost of each is measured.
 * baselines at their best batch: hybrid MAE, MAE3D, Swin-SSL (Table XI re-measured).
+* the 5^3 depthwise conv alone (forward + both gradients) on one sample's stage-1 and stage-2
+  maps: cuDNN, the Triton kernels, and the Triton kernels with one tap per weight-gradient
+  program (the first split), so the split is chosen by a measurement.
 
 Timing: warm-up steps, then the wall time of N consecutive steps between two device syncs
 (queued work overlaps as in training), per step. Memory: ``max_memory_allocated`` over the timed
@@ -49,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _step_profile import family_times, gemm_peak, library_scopes, sync
+from _step_profile import depthwise_ms, family_times, gemm_peak, library_scopes, sync
 from torch.utils.flop_counter import FlopCounterMode
 
 import mim3d.engine.train as train_mod
@@ -90,12 +93,14 @@ SHRUNK = ("model.dims=[8,16,32,64]", "model.depths=[1,1,1,1]", "model.num_heads=
 FULL = {"preset": "base", "overrides": ("optim.precision=bf16",), "batches": (1, 4, 8),
         "common": ("optim.precision=bf16",),
         "warmup": 2, "steps": 5, "gemm": (torch.bfloat16, 8192),
+        # one base sample's stage 1 and stage 2 in one pass: 21 volumes
+        "depthwise": {"stage1": (21, 48, 48, 48, 48), "stage2": (21, 96, 24, 24, 24)},
         "baselines": {"hybrid_mae": ("hybrid-mae", (), (8, 32)),
                       "mae3d": ("mae3d", (), (8, 32)),
                       "swin_ssl": ("swin-ssl", (), (4, 16))}}
 QUICK = {"preset": "tiny", "overrides": SHRUNK, "batches": (1, 2), "warmup": 1, "steps": 1,
          "common": (),
-         "gemm": (torch.float32, 512),
+         "gemm": (torch.float32, 512), "depthwise": {"stage1": (2, 8, 8, 8, 8)},
          "baselines": {"hybrid_mae": ("tiny", (*SHRUNK, "geometry.crop_sizes=[[16,16,16]]",
                                                *ONE_LEVEL), (2,)),
                        "mae3d": ("tiny", (*SHRUNK, "geometry.crop_sizes=[[16,16,16]]",
@@ -229,6 +234,7 @@ def run_all(mode: dict[str, Any], dev: torch.device, compiled: bool) -> dict[str
                      for b in bb] for m, (bp, bov, bb) in mode["baselines"].items()}
     return {"rows": rows, "profiles": profiles, "baselines": baselines,
             "forward_gflops_per_sample": forward_flops(p, ov, dev) / 1e9,
+            "depthwise_ms": depthwise_ms(dev, mode["depthwise"]),
             "gemm_flops_per_s": gemm_peak(dev, *mode["gemm"], reps=10)}
 
 
@@ -258,6 +264,9 @@ def results(data: dict[str, Any]) -> dict[str, float]:
         best = _best(runs, "after")
         if best:
             out[f"{method}_samples_per_s"] = best["samples_per_s"]
+    for impl, stages in data["depthwise_ms"].items():
+        for stage, ms in stages.items():
+            out[f"depthwise_ms_{impl}_{stage}"] = ms
     return out
 
 
