@@ -10,9 +10,11 @@ step's peak adds backward's largest transient (one recomputed piece, gradient bu
 only ``benchmarks/gpu_pretrain.py`` on a GPU measures (``peak_gib_per_sample``).
 
 Variants are ``gpu_pretrain.py``'s: ``before`` (level by level, no recompute) and ``after`` with
-the CUDA defaults forced (one pass, conv recompute), plus each memory option. CPU autocast's op
-lists are used; like CUDA's, they run matmuls and convs in bf16 and norms in fp32. The loss's
-index-range checks read values, which fake tensors lack, so they are skipped here.
+the CUDA defaults forced (one pass, conv recompute), plus each memory option. CPU autocast runs
+matmuls, convs and attention in bf16 as CUDA's does, but LayerNorm in bf16 where CUDA's runs it
+in fp32 (so on CUDA a norm's output, and the residual stream after it, is fp32): here
+``F.layer_norm`` is made to compute in fp32 under autocast, as on CUDA. The loss's index-range
+checks read values, which fake tensors lack, so they are skipped here.
 
     PYTHONPATH=src .venv/bin/python benchmarks/activation_memory.py     # ~30 s, CPU
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from gpu_pretrain import AFTER, BEFORE, MEMORY, QUICK, Variant
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -69,6 +72,13 @@ def _counting(tally: _Tally) -> Iterator[None]:
     """Count saved tensors, bf16-packed ones and checkpoint inputs while the forward runs."""
     pack_bf16, ckpt, check = train_mod._pack_bf16, hybrid_mod.checkpoint, \
         loss_mod._check_alignment_inputs
+    layer_norm = F.layer_norm
+
+    def fp32_norm(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:  # CUDA autocast's policy
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return layer_norm(x.float(), *args, **kwargs)
+        return layer_norm(x, *args, **kwargs)
 
     def packed(t: Tensor) -> tuple[Tensor, torch.dtype | None]:
         out = pack_bf16(t)
@@ -85,13 +95,13 @@ def _counting(tally: _Tally) -> Iterator[None]:
         tally.add(t)
         return t
 
-    train_mod._pack_bf16, hybrid_mod.checkpoint = packed, checkpointed
+    train_mod._pack_bf16, hybrid_mod.checkpoint, F.layer_norm = packed, checkpointed, fp32_norm
     loss_mod._check_alignment_inputs = lambda *a: None  # reads values; fake tensors have none
     try:
         with torch.autograd.graph.saved_tensors_hooks(saved, lambda t: t):
             yield
     finally:
-        train_mod._pack_bf16, hybrid_mod.checkpoint = pack_bf16, ckpt
+        train_mod._pack_bf16, hybrid_mod.checkpoint, F.layer_norm = pack_bf16, ckpt, layer_norm
         loss_mod._check_alignment_inputs = check
 
 

@@ -53,12 +53,14 @@ def test_one_pass_equals_level_by_level(encoder: str) -> None:
         torch.testing.assert_close(g, grad_b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_conv_recompute_same_gradients_and_batched_levels() -> None:
-    """Recomputed conv blocks (in pieces of 1 volume) give the same gradients, and
-    ``forward_levels`` equals separate calls per level."""
+@pytest.mark.parametrize("depths", [(1, 1, 1, 1), (2, 0, 1, 1)])
+def test_conv_recompute_same_gradients_and_batched_levels(depths: tuple[int, ...]) -> None:
+    """Recomputed conv blocks and downsamplings (in pieces of 1 volume; a stage of two blocks,
+    one of none) give the same gradients, and ``forward_levels`` equals separate calls per
+    level."""
     torch.manual_seed(0)
     kw = {"input_size": (16, 16, 32), "patch_size": 8, "dims": (8, 16, 32, 64),
-          "depths": (1, 1, 1, 1), "num_heads": 2}
+          "depths": depths, "num_heads": 2}
     enc = HybridEncoder(**kw, conv_recompute="never").train()
     x = torch.randn(3, 1, 16, 16, 32)
     keep = [torch.randperm(16)[:5].sort().values.expand(1, -1).contiguous(),

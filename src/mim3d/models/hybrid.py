@@ -89,9 +89,9 @@ class HybridEncoder(nn.Module):
         grad_checkpointing: recompute transformer blocks in backward (saves memory).
         depthwise_impl: CUDA depthwise conv, one of ``auto`` (Triton when installed),
             ``triton``, ``cudnn`` (see :func:`~mim3d.models.layers.depthwise_conv3d`).
-        conv_recompute: recompute the conv blocks of stages 1-3 in backward, ``recompute_chunk``
-            volumes at a time (their activations are most of a step's memory): one of
-            :data:`CONV_RECOMPUTE`.
+        conv_recompute: recompute the conv blocks of stages 1-3 and their downsampling in
+            backward, ``recompute_chunk`` volumes at a time (their activations are most of a
+            step's memory): one of :data:`CONV_RECOMPUTE`.
         recompute_chunk: volumes per recomputed piece (bounds the memory of one recompute).
 
     Attributes:
@@ -198,9 +198,23 @@ class HybridEncoder(nn.Module):
         on = self.conv_recompute == "always" or (self.conv_recompute == "auto" and x.is_cuda)
         return on and self.training and torch.is_grad_enabled()
 
-    def _block(self, blk: ConvBlock, h: Tensor, mask: Tensor | None, recompute: bool) -> Tensor:
-        """One conv block; recomputed in backward piece by piece, so that one recompute holds
-        the activations of ``recompute_chunk`` volumes only."""
+    def _stage_entry(self, s: int) -> Callable[[Tensor, Tensor | None], Tensor]:
+        """Stage ``s``'s downsampling and first conv block: (B, D, H, W, C) channels-last in,
+        (B, C_s, D_s, H_s, W_s) out. Recomputed as one piece: the downsampling's LayerNorm and
+        GELU would otherwise keep two float32 copies of the stage's map for backward (on CUDA,
+        autocast runs LayerNorm in float32), about 1.1 GiB per MiM base sample."""
+        ds, blocks = self.downsamples[s], self.conv_stages[s]
+
+        def run(h_cl: Tensor, mask: Tensor | None) -> Tensor:
+            h = ds(h_cl).permute(0, 4, 1, 2, 3)
+            return blocks[0](h, mask) if len(blocks) else h
+
+        return run
+
+    def _block(self, blk: Callable[[Tensor, Tensor | None], Tensor], h: Tensor,
+               mask: Tensor | None, recompute: bool) -> Tensor:
+        """One conv block (or a stage entry); recomputed in backward piece by piece, so that one
+        recompute holds the activations of ``recompute_chunk`` volumes only."""
         if not recompute:
             return blk(h, mask)
         n = self.recompute_chunk
@@ -215,8 +229,8 @@ class HybridEncoder(nn.Module):
         h = x.permute(0, 2, 3, 4, 1)
         maps = []
         for s in range(3):
-            h = self.downsamples[s](h).permute(0, 4, 1, 2, 3)  # (B, C, D, H, W), channels-last
-            for blk in self.conv_stages[s]:
+            h = self._block(self._stage_entry(s), h, masks[s], recompute)  # channels-last
+            for blk in self.conv_stages[s][1:]:
                 h = self._block(blk, h, masks[s], recompute)
             h = h.permute(0, 2, 3, 4, 1)
             maps.append(h)
