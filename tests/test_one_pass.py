@@ -53,6 +53,25 @@ def test_one_pass_equals_level_by_level(encoder: str) -> None:
         torch.testing.assert_close(g, grad_b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_grad_checkpointing_reaches_the_decoder_and_keeps_gradients() -> None:
+    """``optim.grad_checkpointing`` recomputes encoder and decoder blocks: same loss and
+    gradients as without it."""
+    cfg = load_config("pretrain", "tiny", overrides=SMALL + ["optim.grad_checkpointing=true"])
+    torch.manual_seed(0)
+    model = build_mim(cfg).train()
+    assert model.decoder.grad_checkpointing and model.encoder.grad_checkpointing
+    x = torch.rand(2, 1, *cfg.geometry.crop_sizes[0], generator=torch.Generator().manual_seed(1))
+    masks = sample_levels(2, geometry_from_config(cfg.geometry), torch.Generator().manual_seed(2))
+    results = []
+    for on in (True, False):
+        model.decoder.grad_checkpointing = model.encoder.grad_checkpointing = on
+        results.append(_outputs_and_grads(model, x, masks, cfg))
+    (loss_a, _, grad_a), (loss_b, _, grad_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-7)
+    for name, g in grad_a.items():
+        torch.testing.assert_close(g, grad_b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("depths", [(1, 1, 1, 1), (2, 0, 1, 1)])
 def test_conv_recompute_same_gradients_and_batched_levels(depths: tuple[int, ...]) -> None:
     """Recomputed conv blocks and downsamplings (in pieces of 1 volume; a stage of two blocks,

@@ -206,7 +206,7 @@ def test_readme_benchmark_figures_quote_the_committed_json() -> None:
     for figure in (f"**{am['saved_gib_per_sample_before']:.2f} GiB** per MiM base sample",
                    f"**{am['saved_gib_per_sample_after']:.2f} GiB** with the CUDA defaults",
                    f"{am['saved_gib_per_sample_after_no_conv_recompute']:.2f} without conv",
-                   f"checkpointing {am['saved_gib_per_sample_after_plus_block_checkpointing']:.2f}",
+                   f"checkpointing (encoder and decoder) {am['saved_gib_per_sample_after_plus_block_checkpointing']:.2f}",
                    f"activations {am['saved_gib_per_sample_after_plus_bf16_saved']:.2f}"):
         assert figure in row, (figure, row)
     bf16_gain = am["saved_gib_per_sample_after"] - am["saved_gib_per_sample_after_plus_bf16_saved"]

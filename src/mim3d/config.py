@@ -188,8 +188,9 @@ class LossConfig:
 class OptimConfig:
     """AdamW with warm-up + cosine, set per optimizer step (Table II).
 
-    ``grad_checkpointing`` recomputes the transformer blocks in backward; ``conv_recompute``
-    the hybrid encoder's conv blocks (most of a step's memory): ``auto`` = on CUDA only.
+    ``grad_checkpointing`` recomputes the transformer blocks (encoder and MiM's decoder) in
+    backward; ``conv_recompute`` the hybrid encoder's conv blocks and their downsampling (most
+    of a step's memory): ``auto`` = on CUDA only.
     ``saved_activations=bf16`` keeps autograd's saved float32 tensors in bfloat16 (half memory).
     """
 

@@ -88,7 +88,9 @@ def build_mim(cfg: PretrainConfig) -> MiM:
                patch_size=cfg.geometry.patch_size, input_size=cfg.geometry.input_size,
                decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
                decoder_heads=m.decoder_heads, mlp_ratio=m.mlp_ratio, proj_dim=m.proj_dim,
-               align=uses_alignment(cfg), stop_grad=cfg.loss.stop_grad, one_pass={"auto": None, "always": True, "never": False}[m.one_pass])
+               align=uses_alignment(cfg), stop_grad=cfg.loss.stop_grad,
+               one_pass={"auto": None, "always": True, "never": False}[m.one_pass],
+               decoder_checkpointing=cfg.optim.grad_checkpointing)
 
 
 def build_swinssl(cfg: PretrainConfig) -> SwinSSL:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mim3d.models.layers import TransformerBlock, init_weights, sincos_pos_embed_3d
 
@@ -37,11 +38,13 @@ class MaskedDecoder(nn.Module):
         grid: token grid (g0, g1, g2); N = g0*g1*g2.
         out_dim: prediction width per token (p^3 * channels; 4096 for 16^3 patches).
         mlp_ratio: MLP expansion.
+        grad_checkpointing: recompute the blocks in backward (in training): the decoder sees
+            every token of every level, so its blocks keep ~0.8 GiB per MiM base sample.
     """
 
     def __init__(self, *, encoder_dim: int, dim: int = 576, depth: int = 8, num_heads: int = 16,
                  grid: Sequence[int] = (6, 6, 6), out_dim: int = 4096,
-                 mlp_ratio: float = 4.0) -> None:
+                 mlp_ratio: float = 4.0, grad_checkpointing: bool = False) -> None:
         super().__init__()
         for name, value in (("encoder_dim", encoder_dim), ("dim", dim), ("out_dim", out_dim)):
             if value < 1:
@@ -57,6 +60,7 @@ class MaskedDecoder(nn.Module):
         self.grid: tuple[int, int, int] = tuple(int(g) for g in grid)
         self.num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
         self.dim = dim
+        self.grad_checkpointing = grad_checkpointing
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed_3d(self.grid, dim))
@@ -81,8 +85,9 @@ class MaskedDecoder(nn.Module):
 
     def _decode(self, x: Tensor) -> DecoderOutput:
         x = x + self.pos_embed
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x)
+            x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
         features = self.norm(x)
         return DecoderOutput(pred=self.pred(features), features=features)
 

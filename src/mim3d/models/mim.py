@@ -125,6 +125,7 @@ class MiM(nn.Module):
         patch_size: token size p in encoder-input voxels.
         input_size: R, the encoder input size.
         decoder_dim, decoder_depth, decoder_heads, mlp_ratio: light transformer decoder.
+        decoder_checkpointing: recompute the decoder's blocks in backward (saves memory).
         proj_dim: width D of the projection heads (hidden and output).
         align: build projection heads for cross-level alignment (needs >= 2 levels).
         stop_grad: detach parent unit features before the parent head (the head still learns).
@@ -138,7 +139,7 @@ class MiM(nn.Module):
                  input_size: Sequence[int] = (96, 96, 96), decoder_dim: int = 576,
                  decoder_depth: int = 8, decoder_heads: int = 16, mlp_ratio: float = 4.0,
                  proj_dim: int = 2048, align: bool = True, stop_grad: bool = True,
-                 one_pass: bool | None = None) -> None:
+                 one_pass: bool | None = None, decoder_checkpointing: bool = False) -> None:
         super().__init__()
         if len(geometry) < 1:
             raise ValueError(f"geometry={geometry!r}: need at least one level")
@@ -158,7 +159,7 @@ class MiM(nn.Module):
         self.decoder = MaskedDecoder(
             encoder_dim=encoder.embed_dim, dim=decoder_dim, depth=decoder_depth,
             num_heads=decoder_heads, grid=grid, out_dim=patch_size ** 3 * in_channels,
-            mlp_ratio=mlp_ratio)
+            mlp_ratio=mlp_ratio, grad_checkpointing=decoder_checkpointing)
         self.child_head = ProjectionHead(in_dim=decoder_dim, hidden_dim=proj_dim,
                                          out_dim=proj_dim) if align else None
         self.parent_head = ProjectionHead(in_dim=decoder_dim, hidden_dim=proj_dim,
