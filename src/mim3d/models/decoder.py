@@ -39,7 +39,7 @@ class MaskedDecoder(nn.Module):
         out_dim: prediction width per token (p^3 * channels; 4096 for 16^3 patches).
         mlp_ratio: MLP expansion.
         grad_checkpointing: recompute the blocks in backward (in training): the decoder sees
-            every token of every level, so its blocks keep ~0.8 GiB per MiM base sample.
+            every token of every level, so its blocks keep ~0.7 GiB per MiM base sample.
     """
 
     def __init__(self, *, encoder_dim: int, dim: int = 576, depth: int = 8, num_heads: int = 16,
