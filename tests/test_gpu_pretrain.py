@@ -98,3 +98,13 @@ def test_base_sample_saves_under_budget_with_cuda_defaults() -> None:
     no_recompute = am.saved_gib("base", (), am.MEMORY[0])
     assert 1.0 < after["saved_gib"] < 3.0, after
     assert no_recompute["saved_gib"] > 3 * after["saved_gib"], no_recompute
+
+
+def test_activation_memory_quick_writes_its_results(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "activation_memory.json"
+    assert _load("activation_memory").main(["--quick", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert 0 < res["saved_gib_per_sample_after"] < res["saved_gib_per_sample_before"]
+    assert f"RESULT saved_after_vs_before {res['saved_after_vs_before']:.4g}" in \
+        capsys.readouterr().out
