@@ -149,22 +149,28 @@ def _readme_row(start: str) -> str:
     return rows[0]
 
 
+def _row_quotes(start: str, figures: tuple[str, ...]) -> None:
+    """The README's one table row starting ``start`` contains every figure."""
+    row = _readme_row(start)
+    for figure in figures:
+        assert figure in row, (figure, row)
+
+
 def test_readme_benchmark_figures_quote_the_committed_json() -> None:
     dt = _result("data_throughput")
-    row = _readme_row("| data throughput |")
-    for figure in ((f"blosc2 bytes {dt['store_bytes_ratio_vs_nii_gz']:.2f}x / "
-                   f"{dt['store_bytes_ratio_vs_nii_gz_1p5mm']:.2f}x the .nii.gz"),
-                   (f"crops {dt['crop_speed_ratio_vs_npy_store_warm']:.2f}x npy warm "
-                    f"({dt['crop_speed_ratio_vs_npy_store_warm_long_volumes']:.2f}x on 448-slice "
-                    f"volumes), {dt['crop_speed_ratio_vs_npy_store_cold']:.2f}x cold"),
-                   f"blosc2 (default) store **{dt['crop_speedup_vs_monai']:.1f}x** MONAI's",
-                   f"npy {dt['npy_crop_speedup_vs_monai']:.1f}x",
-                   f"data wait {100 * dt['data_wait_share_blosc2']:.2f} %",
-                   f"{dt['store_bytes_ratio_vs_nii_gz_1p5mm_resampled']:.2f}x resampled",
-                   (f"3 mm-slice crops at 1.5 mm "
-                    f"{dt['thick_1p5mm_kept_vs_resampled_crop_speed_npy']:.2f}x (npy) / "
-                    f"{dt['thick_1p5mm_kept_vs_resampled_crop_speed_blosc2']:.2f}x (blosc2)")):
-        assert figure in row, (figure, row)
+    _row_quotes("| data throughput |", (
+        (f"blosc2 bytes {dt['store_bytes_ratio_vs_nii_gz']:.2f}x / "
+         f"{dt['store_bytes_ratio_vs_nii_gz_1p5mm']:.2f}x the .nii.gz"),
+        (f"crops {dt['crop_speed_ratio_vs_npy_store_warm']:.2f}x npy warm "
+         f"({dt['crop_speed_ratio_vs_npy_store_warm_long_volumes']:.2f}x on 448-slice "
+         f"volumes), {dt['crop_speed_ratio_vs_npy_store_cold']:.2f}x cold"),
+        f"blosc2 (default) store **{dt['crop_speedup_vs_monai']:.1f}x** MONAI's",
+        f"npy {dt['npy_crop_speedup_vs_monai']:.1f}x",
+        f"data wait {100 * dt['data_wait_share_blosc2']:.2f} %",
+        f"{dt['store_bytes_ratio_vs_nii_gz_1p5mm_resampled']:.2f}x resampled",
+        (f"3 mm-slice crops at 1.5 mm "
+         f"{dt['thick_1p5mm_kept_vs_resampled_crop_speed_npy']:.2f}x (npy) / "
+         f"{dt['thick_1p5mm_kept_vs_resampled_crop_speed_blosc2']:.2f}x (blosc2)")))
     readme = (_ROOT / "README.md").read_text()
     from mim3d.data.store import DEFAULT_FORMAT
 
@@ -176,15 +182,14 @@ def test_readme_benchmark_figures_quote_the_committed_json() -> None:
         assert figure in readme, figure
     lim = _result("store_limits")
     ms, parts = lim["warm"]["ms_per_crop"], lim["bytes_1p5mm"]["ratio_vs_nii_gz"]
-    row = _readme_row("| store limits |")
     now, bound = lim["warm_crop_ratio_now"], lim["warm_crop_ratio_decode_bound"]
-    for figure in ((f"npy {ms['npy']:.1f} + window {ms['window']:.1f} ms vs blosc2 "
-                    f"{ms['blosc2']:.1f} + {ms['window']:.1f} ms ({now:.2f}x)"),
-                   f"{bound:.2f}x if the touched blocks",
-                   (f"1.5 mm bytes {parts['resampled']:.2f}x the .nii.gz resampled, "
-                    f"{parts['resampled_zstd9_bytedelta']:.2f}x with ZSTD-9"),
-                   f"{parts['kept']:.2f}x with coarse axes kept"):
-        assert figure in row, (figure, row)
+    _row_quotes("| store limits |", (
+        (f"npy {ms['npy']:.1f} + window {ms['window']:.1f} ms vs blosc2 "
+         f"{ms['blosc2']:.1f} + {ms['window']:.1f} ms ({now:.2f}x)"),
+        f"{bound:.2f}x if the touched blocks",
+        (f"1.5 mm bytes {parts['resampled']:.2f}x the .nii.gz resampled, "
+         f"{parts['resampled_zstd9_bytedelta']:.2f}x with ZSTD-9"),
+        f"{parts['kept']:.2f}x with coarse axes kept"))
     pt = _result("pretrain_throughput")
     row = _readme_row("| pre-training throughput |")
     for size in ("tiny", "small"):
@@ -193,29 +198,26 @@ def test_readme_benchmark_figures_quote_the_committed_json() -> None:
     shares = [f"{pt[f'{size}_data_wait_share']:.2%}" for size in ("tiny", "small")]
     assert f"data wait {shares[0]} / {shares[1]}" in row, row
     eff = _result("efficiency")["summary"]
-    row = _readme_row("| efficiency (Table XI) |")
-    for figure in (f"**{eff['gflops_per_volume_mim_base']:.1f} GFLOPs per 96^3 volume**",
-                   f"MiM is {eff['flops_ratio_mim_vs_swinssl']:.2f}x",
-                   f"**{eff['flops_ratio_per_sample_mim_vs_swinssl']:.1f}x**",
-                   f"{eff['step_share_of_gemm_peak']:.2f} of the fp32 GEMM peak",
-                   f"time per volume {eff['time_ratio_mim_vs_swinssl']:.2f}x",
-                   f"per sample {eff['time_ratio_per_sample_mim_vs_swinssl']:.1f}x"):
-        assert figure in row, (figure, row)
+    _row_quotes("| efficiency (Table XI) |", (
+        f"**{eff['gflops_per_volume_mim_base']:.1f} GFLOPs per 96^3 volume**",
+        f"MiM is {eff['flops_ratio_mim_vs_swinssl']:.2f}x",
+        f"**{eff['flops_ratio_per_sample_mim_vs_swinssl']:.1f}x**",
+        f"{eff['step_share_of_gemm_peak']:.2f} of the fp32 GEMM peak",
+        f"time per volume {eff['time_ratio_mim_vs_swinssl']:.2f}x",
+        f"per sample {eff['time_ratio_per_sample_mim_vs_swinssl']:.1f}x"))
     am = _result("activation_memory")["results"]
-    row = _readme_row("| activation memory (issue 12) |")
-    for figure in (f"**{am['saved_gib_per_sample_before']:.2f} GiB** per MiM base sample",
-                   f"**{am['saved_gib_per_sample_after']:.2f} GiB** with the CUDA defaults",
-                   f"{am['saved_gib_per_sample_after_no_conv_recompute']:.2f} without conv",
-                   f"checkpointing (encoder and decoder) {am['saved_gib_per_sample_after_plus_block_checkpointing']:.2f}",
-                   f"activations {am['saved_gib_per_sample_after_plus_bf16_saved']:.2f}"):
-        assert figure in row, (figure, row)
+    _row_quotes("| activation memory (issue 12) |", (
+        f"**{am['saved_gib_per_sample_before']:.2f} GiB** per MiM base sample",
+        f"**{am['saved_gib_per_sample_after']:.2f} GiB** with the CUDA defaults",
+        f"{am['saved_gib_per_sample_after_no_conv_recompute']:.2f} without conv",
+        f"checkpointing (encoder and decoder) {am['saved_gib_per_sample_after_plus_block_checkpointing']:.2f}",
+        f"activations {am['saved_gib_per_sample_after_plus_bf16_saved']:.2f}"))
     bf16_gain = am["saved_gib_per_sample_after"] - am["saved_gib_per_sample_after_plus_bf16_saved"]
     assert (f"it saves {bf16_gain:.2f} of the {am['saved_gib_per_sample_after']:.2f} GiB"
             in " ".join(readme.split())), "README's bf16 saved-activations sentence"
     dw = _result("depthwise_cuda")
-    row = _readme_row("| efficiency on a GPU |")
     lib = dw["variants"]["library"]
-    for figure in (f"**{lib['mim_sample_step_s']:.2f} s** per step",
-                   f"peak {lib['peak_mib'] / 1024:.1f} GiB",
-                   f"{dw['mim_step_speedup_channels_first']:.1f}x faster"):
-        assert figure in row, (figure, row)
+    _row_quotes("| efficiency on a GPU |", (
+        f"**{lib['mim_sample_step_s']:.2f} s** per step",
+        f"peak {lib['peak_mib'] / 1024:.1f} GiB",
+        f"{dw['mim_step_speedup_channels_first']:.1f}x faster"))
