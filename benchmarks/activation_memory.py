@@ -36,10 +36,13 @@ import torch.nn.functional as F
 from gpu_pretrain import AFTER, BEFORE, MEMORY, QUICK, Variant
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.checkpoint import checkpoint
 
 import mim3d.engine.train as train_mod
 import mim3d.losses.mim as loss_mod
+import mim3d.models.decoder as decoder_mod
 import mim3d.models.hybrid as hybrid_mod
+import mim3d.models.vit as vit_mod
 from mim3d.config import load_config
 from mim3d.factory import build_pretrain_model, geometry_from_config
 from mim3d.masking import sample_levels
@@ -70,9 +73,7 @@ class _Tally:
 @contextmanager
 def _counting(tally: _Tally) -> Iterator[None]:
     """Count saved tensors, bf16-packed ones and checkpoint inputs while the forward runs."""
-    pack_bf16, ckpt, check = train_mod._pack_bf16, hybrid_mod.checkpoint, \
-        loss_mod._check_alignment_inputs
-    layer_norm = F.layer_norm
+    pack_bf16, layer_norm = train_mod._pack_bf16, F.layer_norm
 
     def fp32_norm(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:  # CUDA autocast's policy
         if torch.is_autocast_enabled(x.device.type):
@@ -89,20 +90,25 @@ def _counting(tally: _Tally) -> Iterator[None]:
         for a in args:
             if isinstance(a, Tensor):
                 tally.add(a)
-        return ckpt(fn, *args, **kwargs)
+        return checkpoint(fn, *args, **kwargs)
 
     def saved(t: Tensor) -> Tensor:
         tally.add(t)
         return t
 
-    train_mod._pack_bf16, hybrid_mod.checkpoint, F.layer_norm = packed, checkpointed, fp32_norm
-    loss_mod._check_alignment_inputs = lambda *a: None  # reads values; fake tensors have none
+    patches = [(train_mod, "_pack_bf16", packed), (F, "layer_norm", fp32_norm),
+               # reads values, which fake tensors have none of
+               (loss_mod, "_check_alignment_inputs", lambda *a: None),
+               *((mod, "checkpoint", checkpointed) for mod in (hybrid_mod, decoder_mod, vit_mod))]
+    originals = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    for mod, name, fn in patches:
+        setattr(mod, name, fn)
     try:
         with torch.autograd.graph.saved_tensors_hooks(saved, lambda t: t):
             yield
     finally:
-        train_mod._pack_bf16, hybrid_mod.checkpoint, F.layer_norm = pack_bf16, ckpt, layer_norm
-        loss_mod._check_alignment_inputs = check
+        for mod, name, fn in originals:
+            setattr(mod, name, fn)
 
 
 def saved_gib(preset: str, overrides: tuple[str, ...], variant: Variant) -> dict[str, Any]:
