@@ -10,12 +10,14 @@ op, e.g. ``NativeLayerNormBackward0``); and last its kernel name (Triton launche
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 
 import mim3d.engine.train as train_mod
 import mim3d.models.mim as mim_mod
@@ -130,16 +132,50 @@ def gemm_peak(dev: torch.device, dtype: torch.dtype = torch.float32, n: int = 20
     return 2 * n**3 / best
 
 
-def depthwise_ms(dev: torch.device, shapes: dict[str, tuple[int, ...]],
-                 reps: int = 5) -> dict[str, dict[str, float]]:
+def median_seconds(fn: Callable[[], object], dev: torch.device, warmup: int = 2,
+                   runs: int = 5) -> float:
+    """Median wall time of ``fn`` between device syncs, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def conv_seconds(conv: Callable[..., Tensor], shape: tuple[int, ...],
+                 dev: torch.device) -> float:
+    """Median seconds of one 5^3 depthwise conv ``conv(x, w, b, padding, impl)``, forward and
+    both gradients, on a channels-last (B, C, D, H, W) input: bf16 under bf16 autocast on CUDA,
+    as inside the encoder; fp32 on the CPU."""
+    cuda = dev.type == "cuda"
+    x = torch.randn(*shape, device=dev, dtype=torch.bfloat16 if cuda else torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    w = torch.randn(shape[1], 1, 5, 5, 5, device=dev, requires_grad=True)
+    b = torch.zeros(shape[1], device=dev, requires_grad=True)
+
+    def once() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            y = conv(x, w, b, 2, "auto")
+        y.float().sum().backward()
+
+    return median_seconds(once, dev)
+
+
+def depthwise_ms(dev: torch.device,
+                 shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, float]]:
     """Milliseconds of one 5^3 depthwise conv, forward + both gradients, per implementation.
 
-    ``shapes`` name (B, C, D, H, W) inputs (channels-last memory, bf16 autocast on CUDA). On
-    CUDA: cuDNN (channels-first, the ``before`` path), the Triton kernels with the default
-    weight-gradient split, and with one tap per weight-gradient program; on the CPU the library's
-    CPU path alone. Each is the best of ``reps`` timed runs after two warm-ups.
+    ``shapes`` name (B, C, D, H, W) inputs (see :func:`conv_seconds`). On CUDA: cuDNN
+    (channels-first, the ``before`` path), the Triton kernels with the default weight-gradient
+    split, and with one tap per weight-gradient program; on the CPU the library's CPU path.
     """
     from mim3d.kernels import triton_available
+    from mim3d.kernels.conv import depthwise_conv3d
 
     variants: dict[str, tuple[str, Any]] = {"cudnn": ("cudnn", None)}
     if dev.type == "cuda" and triton_available():
@@ -152,7 +188,8 @@ def depthwise_ms(dev: torch.device, shapes: dict[str, tuple[int, ...]],
         if split is not None:  # the split the backward pass reads
             depthwise._WGRAD = split
         try:
-            out[name] = {label: 1e3 * _time_depthwise(dev, shape, impl, reps)
+            conv = functools.partial(_with_impl, depthwise_conv3d, impl)
+            out[name] = {label: 1e3 * conv_seconds(conv, shape, dev)
                          for label, shape in shapes.items()}
         finally:
             if split is not None:
@@ -160,24 +197,6 @@ def depthwise_ms(dev: torch.device, shapes: dict[str, tuple[int, ...]],
     return out
 
 
-def _time_depthwise(dev: torch.device, shape: tuple[int, ...], impl: str, reps: int) -> float:
-    from mim3d.kernels.conv import depthwise_conv3d
-
-    g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(*shape, device=dev, generator=g).contiguous(
-        memory_format=torch.channels_last_3d).requires_grad_()
-    w = torch.randn(shape[1], 1, 5, 5, 5, device=dev, generator=g, requires_grad=True)
-    b = torch.zeros(shape[1], device=dev, requires_grad=True)
-    grad = torch.randn_like(x)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    best = float("inf")
-    for i in range(reps + 2):
-        sync(dev)
-        t0 = time.perf_counter()
-        with autocast:
-            y = depthwise_conv3d(x, w, b, 2, impl)
-        y.backward(grad.to(y.dtype))
-        sync(dev)
-        if i >= 2:
-            best = min(best, time.perf_counter() - t0)
-    return best
+def _with_impl(fn: Callable[..., Tensor], impl: str, x: Tensor, w: Tensor, b: Tensor | None,
+               padding: int, _impl: str) -> Tensor:
+    return fn(x, w, b, padding, impl)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _step_profile import conv_seconds, median_seconds
 from torch import Tensor
 
 from mim3d.config import load_config
@@ -54,33 +54,9 @@ VARIANTS = {"bf16_channels_last": _variant(False, True),
             "fp32_channels_first": _variant(True, False)}
 
 
-def _median_time(fn: Callable[[], object], warmup: int, runs: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def conv_alone(conv: Conv, shape: tuple[int, ...]) -> float:
     """Median fwd+bwd seconds of one depthwise 5^3 conv on a bf16 channels-last input."""
-    dev = torch.device("cuda")
-    x = torch.randn(*shape, device=dev, dtype=torch.bfloat16)
-    x = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
-    w = torch.randn(shape[1], 1, 5, 5, 5, device=dev, requires_grad=True)
-    b = torch.zeros(shape[1], device=dev, requires_grad=True)
-
-    def once() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # as inside the encoder
-            y = conv(x, w, b, 2, "auto")
-        y.float().sum().backward()
-
-    return _median_time(once, 2, 5)
+    return conv_seconds(conv, shape, torch.device("cuda"))
 
 
 def mim_step(conv: Conv) -> tuple[float, float]:
@@ -99,7 +75,7 @@ def mim_step(conv: Conv) -> tuple[float, float]:
         step[0] += 1
 
     torch.cuda.reset_peak_memory_stats()
-    seconds = _median_time(once, 2, 4)
+    seconds = median_seconds(once, dev, runs=4)
     return seconds, torch.cuda.max_memory_allocated() / 2**20
 
 
