@@ -111,7 +111,7 @@ def _conv_block_case() -> dict:
             return fn(*args, **kwargs)
         return run
 
-    originals = depthwise.dw_conv3d_forward, depthwise.dw_conv3d_weight_grad
+    originals = depthwise.dw_conv3d_forward, depthwise.dw_conv3d_weight_grad, conv_mod._use_triton
     depthwise.dw_conv3d_forward = spy(depthwise.dw_conv3d_forward, 1)
     depthwise.dw_conv3d_weight_grad = spy(depthwise.dw_conv3d_weight_grad, 2)
     conv_mod._use_triton = lambda x, impl: impl != "cudnn"  # the CUDA dispatch, on the CPU
@@ -130,9 +130,23 @@ def _conv_block_case() -> dict:
         (y.float() ** 2).mean().backward()
         results.append([y.detach().float(), xi.grad.float(),
                         *(p.grad.float() for p in block.parameters())])
-    depthwise.dw_conv3d_forward, depthwise.dw_conv3d_weight_grad = originals
+    depthwise.dw_conv3d_forward, depthwise.dw_conv3d_weight_grad, conv_mod._use_triton = originals
     errors = [float((a - b).norm() / b.norm()) for a, b in zip(*results, strict=True)]
     return {"max_rel_error": max(errors), "calls": seen}
+
+
+def _too_many_voxels_case() -> str | None:
+    """The error of a conv over 2^31 voxels (an expanded view: no memory), or None."""
+    import torch
+
+    from mim3d.kernels import depthwise
+
+    huge = torch.zeros(1, 2, 1, 1, 1).expand(1, 2, 2**11, 2**11, 2**9)
+    try:
+        depthwise.dw_conv3d_forward(huge, torch.zeros(2, 1, 3, 3, 3), None)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _main() -> None:
@@ -147,14 +161,7 @@ def _main() -> None:
     out["base_split"] = {f"b{b}": depthwise.wgrad_split(21 * b * 48**3, cfg.block_p, cfg.tiles)
                          for b in (28, 29)}
     out["conv_block"] = _conv_block_case()
-    import torch
-
-    huge = torch.zeros(1, 2, 1, 1, 1).expand(1, 2, 2**11, 2**11, 2**9)  # 2^31 voxels, no memory
-    try:
-        depthwise.dw_conv3d_forward(huge, torch.zeros(2, 1, 3, 3, 3), None)
-        out["too_many_voxels"] = None
-    except ValueError as e:
-        out["too_many_voxels"] = str(e)
+    out["too_many_voxels"] = _too_many_voxels_case()
     print(json.dumps(out))
 
 
