@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import platform
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -109,6 +112,22 @@ def family_times(prof: torch.profiler.profile, cuda: bool) -> dict[str, float]:
         if seconds > 1e-9:
             times[classify([], name)] += seconds
     return dict(times)
+
+
+def machine(dev: torch.device) -> dict[str, Any]:
+    """The GPU (or CPU), torch, CUDA, Triton and Python that a result was measured with."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), platform.processor())
+    return {"device": str(dev), "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda"
+            else None, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton_version, "cpu": cpu, "cpu_count": os.cpu_count(),
+            "python": platform.python_version()}
 
 
 def sync(dev: torch.device) -> None:

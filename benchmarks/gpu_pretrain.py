@@ -18,6 +18,12 @@ one process:
   maps: cuDNN, the Triton kernels, and the Triton kernels with one tap per weight-gradient
   program (the first split), so the split is chosen by a measurement.
 
+Phases, headline figures first (:data:`PHASES`): the GEMM peak and the FLOPs, ``before`` and
+``after``, the depthwise conv alone, the profiles, the memory options, the baselines. The JSON is
+rewritten after every phase, so a run cut short keeps what it measured; a failed case is an
+``error`` row and a failed phase an entry of ``errors``, and the run goes on; after
+``--budget-s`` no optional phase starts (``skipped``).
+
 Timing: warm-up steps, then the wall time of N consecutive steps between two device syncs
 (queued work overlaps as in training), per step. Memory: ``max_memory_allocated`` over the timed
 steps minus what was allocated between steps (weights, optimizer state), per sample. FLOPs:
@@ -43,16 +49,16 @@ import gc
 import itertools
 import json
 import math
-import os
-import platform
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from _step_profile import depthwise_ms, family_times, gemm_peak, library_scopes, sync
+from _step_profile import depthwise_ms, family_times, gemm_peak, library_scopes, machine, sync
 from torch.utils.flop_counter import FlopCounterMode
 
 import mim3d.engine.train as train_mod
@@ -154,9 +160,10 @@ class _Trainer:
 
 
 def measure(preset: str, overrides: tuple[str, ...], variant: Variant, batch: int,
-            mode: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+            mode: dict[str, Any], dev: torch.device, method: str | None = None) -> dict[str, Any]:
     """Samples/s and peak memory of ``steps`` timed steps after ``warmup`` steps."""
     row: dict[str, Any] = {"variant": variant.name, "preset": preset, "batch": batch}
+    row |= {"method": method} if method else {}
     try:
         run = _Trainer(_config(preset, (*overrides, *variant.overrides), batch), variant, dev)
         for _ in range(mode["warmup"]):
@@ -172,13 +179,14 @@ def measure(preset: str, overrides: tuple[str, ...], variant: Variant, batch: in
         row |= {"step_s": step_s, "samples_per_s": batch / step_s, "static_gib": static / GIB,
                 "peak_gib": peak / GIB, "peak_gib_per_sample": (peak - static) / GIB / batch,
                 "loss": float(res.losses["loss"])}
-    except torch.OutOfMemoryError:
-        row["error"] = "out of memory"
+    except Exception as err:  # noqa: BLE001 - one failed case is recorded, the run goes on
+        row["error"] = _error(err)
     finally:
         run = None  # free the model before the next case
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    _print_row(row)
     return row
 
 
@@ -221,21 +229,86 @@ def _best(rows: list[dict[str, Any]], variant: str) -> dict[str, Any] | None:
     return max(ok, key=lambda r: r["samples_per_s"]) if ok else None
 
 
-def run_all(mode: dict[str, Any], dev: torch.device, compiled: bool) -> dict[str, Any]:
-    """Every measurement of one invocation."""
-    p, ov, batches = mode["preset"], mode["overrides"], mode["batches"]
-    rows = [measure(p, ov, v, b, mode, dev) for v in (BEFORE, AFTER) for b in batches]
-    extra = [*MEMORY, *((COMPILED,) if compiled else ())]
-    rows += [measure(p, ov, v, b, mode, dev) for v in extra for b in (batches[0], batches[-1])]
-    after = _best(rows, "after") or {"batch": batches[0]}
-    profiles = [profile_step(p, ov, BEFORE, batches[0], mode, dev),
-                profile_step(p, ov, AFTER, after["batch"], mode, dev)]
-    baselines = {m: [{"method": m, **measure(bp, (*mode["common"], *bov), AFTER, b, mode, dev)}
-                     for b in bb] for m, (bp, bov, bb) in mode["baselines"].items()}
-    return {"rows": rows, "profiles": profiles, "baselines": baselines,
-            "forward_gflops_per_sample": forward_flops(p, ov, dev) / 1e9,
-            "depthwise_ms": depthwise_ms(dev, mode["depthwise"]),
-            "gemm_flops_per_s": gemm_peak(dev, *mode["gemm"], reps=10)}
+@dataclass(frozen=True)
+class _Run:
+    """What every phase of one invocation shares."""
+
+    mode: dict[str, Any]
+    dev: torch.device
+    compiled: bool
+
+    def measure(self, variant: Variant, batch: int) -> dict[str, Any]:
+        return measure(self.mode["preset"], self.mode["overrides"], variant, batch, self.mode,
+                       self.dev)
+
+    def profile(self, variant: Variant, batch: int) -> dict[str, Any]:
+        prof = profile_step(self.mode["preset"], self.mode["overrides"], variant, batch,
+                            self.mode, self.dev)
+        _print_profile(prof)
+        return prof
+
+
+def _reference(run: _Run, data: dict[str, Any]) -> None:
+    data["gemm_flops_per_s"] = gemm_peak(run.dev, *run.mode["gemm"], reps=10)
+    flops = forward_flops(run.mode["preset"], run.mode["overrides"], run.dev)
+    data["forward_gflops_per_sample"] = flops / 1e9
+
+
+def _before_after(run: _Run, data: dict[str, Any]) -> None:
+    data["rows"] += [run.measure(v, b) for v in (BEFORE, AFTER) for b in run.mode["batches"]]
+
+
+def _depthwise(run: _Run, data: dict[str, Any]) -> None:
+    data["depthwise_ms"] = depthwise_ms(run.dev, run.mode["depthwise"])
+
+
+def _profiles(run: _Run, data: dict[str, Any]) -> None:
+    after = _best(data["rows"], "after") or {"batch": run.mode["batches"][0]}
+    data["profiles"] = [run.profile(BEFORE, run.mode["batches"][0]),
+                        run.profile(AFTER, after["batch"])]
+
+
+def _memory_options(run: _Run, data: dict[str, Any]) -> None:
+    batches = run.mode["batches"]
+    extra = [*MEMORY, *((COMPILED,) if run.compiled else ())]
+    data["rows"] += [run.measure(v, b) for v in extra for b in (batches[0], batches[-1])]
+
+
+def _baselines(run: _Run, data: dict[str, Any]) -> None:
+    for m, (preset, overrides, batches) in run.mode["baselines"].items():
+        data["baselines"][m] = [measure(preset, (*run.mode["common"], *overrides), AFTER, b,
+                                        run.mode, run.dev, method=m) for b in batches]
+
+
+# in order of need: the headline figures first, so a run cut short still has them
+PHASES = (("reference", _reference), ("before_after", _before_after),
+          ("depthwise", _depthwise), ("profiles", _profiles),
+          ("memory_options", _memory_options), ("baselines", _baselines))
+ALWAYS = ("reference", "before_after")
+
+
+def run_all(mode: dict[str, Any], dev: torch.device, compiled: bool,
+            save: Callable[[dict[str, Any]], None] = lambda data: None,
+            budget_s: float = math.inf) -> dict[str, Any]:
+    """Every measurement of one invocation, phase by phase; ``save`` sees the data after each.
+
+    A phase that raises is recorded under ``errors`` and the next one runs; once ``budget_s``
+    has passed, the phases left (except :data:`ALWAYS`) are listed under ``skipped``.
+    """
+    run, t0 = _Run(mode, dev, compiled), time.perf_counter()
+    data: dict[str, Any] = {"rows": [], "profiles": [], "baselines": {}, "depthwise_ms": {},
+                            "phases_done": [], "skipped": [], "errors": {}}
+    for name, phase in PHASES:
+        if name not in ALWAYS and time.perf_counter() - t0 > budget_s:
+            data["skipped"].append(name)
+            continue
+        try:
+            phase(run, data)
+        except Exception as err:  # noqa: BLE001 - a failed phase must not lose the others
+            data["errors"][name] = _error(err)
+        data["phases_done"].append(name)
+        save(data)
+    return data
 
 
 def results(data: dict[str, Any]) -> dict[str, float]:
@@ -247,9 +320,10 @@ def results(data: dict[str, Any]) -> dict[str, float]:
     before, after = _best(rows, "before"), _best(rows, "after")
     if before and after:
         out["mim_base_speedup_vs_before"] = after["samples_per_s"] / before["samples_per_s"]
-    if after:
+    if after and {"forward_gflops_per_sample", "gemm_flops_per_s"} <= data.keys():
         flops = 3 * data["forward_gflops_per_sample"] * 1e9 * after["samples_per_s"]
         out["mim_base_step_share_of_bf16_gemm"] = flops / data["gemm_flops_per_s"]
+    if after:
         per = [r["peak_gib_per_sample"] for r in rows if r["variant"] == "after" and "error"
                not in r]
         out["mim_base_peak_gib_per_sample"] = max(per)
@@ -270,31 +344,34 @@ def results(data: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _machine(dev: torch.device) -> dict[str, Any]:
-    try:
-        import triton
+def _error(err: BaseException) -> str:
+    """One line for the JSON (the traceback goes to stderr, i.e. the run's log)."""
+    traceback.print_exc(file=sys.stderr)
+    if isinstance(err, torch.OutOfMemoryError):
+        return "out of memory"
+    first = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {first[0] if first else ''}"
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), platform.processor())
-    return {"device": str(dev), "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda"
-            else None, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": triton_version, "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version()}
+
+def _print_row(r: dict[str, Any]) -> None:
+    tail = r.get("error") or (f"{r['samples_per_s']:8.3f} samples/s  step {r['step_s']:.4f}"
+                              f" s  peak {r['peak_gib']:.2f} GiB")
+    name = r.get("method", f"mim_{r['variant']}")
+    print(f"# {name:36s} {r['preset']:10s} b{r['batch']:<3d} {tail}", flush=True)
+
+
+def _print_profile(prof: dict[str, Any]) -> None:
+    print(f"# profile {prof['variant']} b{prof['batch']}: wall {prof['wall_s']:.4f} s")
+    for family, seconds in prof["seconds"].items():
+        print(f"#   {family:24s} {seconds * 1e3:10.2f} ms  {prof['share'][family]:6.1%}")
+    sys.stdout.flush()
 
 
 def _print(data: dict[str, Any], res: dict[str, float]) -> None:
-    for r in [*data["rows"], *(x for runs in data["baselines"].values() for x in runs)]:
-        tail = r.get("error") or (f"{r['samples_per_s']:8.3f} samples/s  step {r['step_s']:.4f}"
-                                  f" s  peak {r['peak_gib']:.2f} GiB")
-        name = r.get("method", f"mim_{r['variant']}")
-        print(f"# {name:36s} {r['preset']:10s} b{r['batch']:<3d} {tail}")
-    for prof in data["profiles"]:
-        print(f"# profile {prof['variant']} b{prof['batch']}: wall {prof['wall_s']:.4f} s")
-        for family, seconds in prof["seconds"].items():
-            print(f"#   {family:24s} {seconds * 1e3:10.2f} ms  {prof['share'][family]:6.1%}")
+    for name, err in data["errors"].items():
+        print(f"# phase {name} failed: {err}")
+    if data["skipped"]:
+        print(f"# skipped (time budget): {', '.join(data['skipped'])}")
     for key, value in res.items():
         if not math.isnan(value):  # NaN: not measured (no allocator statistics on the CPU)
             print(f"RESULT {key} {value:.4g}")
@@ -309,23 +386,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time train.compile=true (torch.compile of the blocks)")
     ap.add_argument("--out", type=Path, default=None,
                     help=f"result JSON (default {RESULT_FILE}; --quick writes none by default)")
+    ap.add_argument("--budget-s", type=float, default=400.0,
+                    help="start no optional phase (profiles, memory options, baselines) after "
+                         "this many seconds (default 400: the run ends within 8 minutes)")
     args = ap.parse_args(argv)
     if not args.quick and not torch.cuda.is_available():
         print("gpu_pretrain.py needs a CUDA GPU (or --quick for the CPU smoke run)",
               file=sys.stderr)
         return 2
     dev = torch.device("cpu" if args.quick else "cuda")
-    t0 = time.perf_counter()
-    data = run_all(QUICK if args.quick else FULL, dev, args.compile)
-    res = results(data)
-    _print(data, res)
-    out = args.out or (None if args.quick else RESULT_FILE)
-    if out is not None:
+    out, t0 = args.out or (None if args.quick else RESULT_FILE), time.perf_counter()
+
+    def save(data: dict[str, Any]) -> None:  # after every phase: a run cut short keeps its part
+        if out is None:
+            return
         out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "mode": "quick" if args.quick else "full", "machine": _machine(dev),
-               "wall_s": time.perf_counter() - t0, "results": res, **data}
+               "mode": "quick" if args.quick else "full", "machine": machine(dev),
+               "wall_s": time.perf_counter() - t0, "results": results(data), **data}
         out.write_text(json.dumps(doc, indent=1) + "\n")
+
+    data = run_all(QUICK if args.quick else FULL, dev, args.compile, save, args.budget_s)
+    _print(data, results(data))
+    if out is not None:
         print(f"wrote {out}")
     return 0
 

@@ -64,12 +64,60 @@ def test_quick_run_writes_every_result(tmp_path: Path, capsys: pytest.CaptureFix
         assert res[key] > 0, key
         assert f"RESULT {key} " in printed
     assert not [r for r in doc["rows"] if "error" in r]
+    assert doc["errors"] == {} and doc["skipped"] == []
+    assert doc["phases_done"] == [name for name, _ in _module().PHASES]
     for prof in doc["profiles"]:  # the families (and the idle rest) account for the step
         assert sum(prof["seconds"].values()) == pytest.approx(prof["wall_s"], rel=0.05)
         assert prof["seconds"]["convs_and_linears"] > 0 and prof["seconds"]["optimizer"] > 0
     assert {r["variant"] for r in doc["rows"]} == {
         "before", "after", "after_no_conv_recompute", "after_plus_block_checkpointing",
         "after_plus_bf16_saved"}
+
+
+def test_phases_keep_going_after_a_failure_and_stop_at_the_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A phase that raises is recorded and the next one runs; the data is saved after every
+    phase; past the budget only the headline phases run, the rest are listed as skipped."""
+    mod = _module()
+    calls: list[str] = []
+
+    def phase(name: str, fail: bool = False):
+        def run(_run, data) -> None:
+            calls.append(name)
+            if fail:
+                raise RuntimeError(f"{name} broke\nsecond line")
+            data["rows"].append({"variant": name})
+        return run
+
+    monkeypatch.setattr(mod, "PHASES", (("reference", phase("reference")),
+                                        ("before_after", phase("before_after", fail=True)),
+                                        ("depthwise", phase("depthwise"))))
+    saved: list[list[str]] = []
+    data = mod.run_all(mod.QUICK, mod.torch.device("cpu"), False,
+                       lambda d: saved.append(list(d["phases_done"])))
+    assert calls == ["reference", "before_after", "depthwise"]
+    assert data["errors"] == {"before_after": "RuntimeError: before_after broke"}
+    assert saved == [["reference"], ["reference", "before_after"],
+                     ["reference", "before_after", "depthwise"]]
+    calls.clear()
+    data = mod.run_all(mod.QUICK, mod.torch.device("cpu"), False, budget_s=-1.0)
+    assert calls == ["reference", "before_after"] and data["skipped"] == ["depthwise"]
+
+
+def test_a_case_that_raises_becomes_an_error_row(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """E.g. a kernel that fails to compile on the GPU's Triton: one row says so, the run goes on."""
+    mod = _module()
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("PassManager::run failed\nfull compiler log")
+
+    monkeypatch.setattr(mod, "_Trainer", broken)
+    row = mod.measure("tiny", mod.SHRUNK, mod.AFTER, 2, mod.QUICK, mod.torch.device("cpu"))
+    assert row["error"] == "RuntimeError: PassManager::run failed"
+    assert "step_s" not in row and "PassManager::run failed" in capsys.readouterr().out
+    res = mod.results({"rows": [row], "baselines": {}, "depthwise_ms": {}})
+    assert res == {}
 
 
 def test_activation_memory_tally_counts_each_saved_storage_once() -> None:
