@@ -215,6 +215,10 @@ def test_readme_benchmark_figures_quote_the_committed_json() -> None:
     bf16_gain = am["saved_gib_per_sample_after"] - am["saved_gib_per_sample_after_plus_bf16_saved"]
     assert (f"it saves {bf16_gain:.2f} of the {am['saved_gib_per_sample_after']:.2f} GiB"
             in " ".join(readme.split())), "README's bf16 saved-activations sentence"
+    cr = _result("cpu_regression")["results"]
+    _row_quotes("| CPU step vs an earlier commit (issue 12) |", (
+        f"**{cr['head_vs_ref']:.2f}x** the time",
+        f"shares {cr['step_share_head']:.2f} (this tree) and {cr['step_share_ref']:.2f} (7be2dbc)"))
     dw = _result("depthwise_cuda")
     lib = dw["variants"]["library"]
     _row_quotes("| efficiency on a GPU |", (
