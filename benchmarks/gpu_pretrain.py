@@ -387,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help=f"result JSON (default {RESULT_FILE}; --quick writes none by default)")
     ap.add_argument("--budget-s", type=float, default=400.0,
-                    help="start no optional phase (profiles, memory options, baselines) after "
-                         "this many seconds (default 400: the run ends within 8 minutes)")
+                    help="start no optional phase (depthwise, profiles, memory options, "
+                         "baselines) after this many seconds (default 400)")
     args = ap.parse_args(argv)
     if not args.quick and not torch.cuda.is_available():
         print("gpu_pretrain.py needs a CUDA GPU (or --quick for the CPU smoke run)",
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     _print(data, results(data))
     if out is not None:
         print(f"wrote {out}")
-    return 0
+    return 1 if data["errors"] else 0  # a failed case is a row; a failed phase fails the run
 
 
 if __name__ == "__main__":
