@@ -156,3 +156,24 @@ def test_activation_memory_quick_writes_its_results(tmp_path: Path,
     assert 0 < res["saved_gib_per_sample_after"] < res["saved_gib_per_sample_before"]
     assert f"RESULT saved_after_vs_before {res['saved_after_vs_before']:.4g}" in \
         capsys.readouterr().out
+
+
+def test_every_full_run_config_loads_and_builds() -> None:
+    """What the one GPU run builds, checked here so that no case fails there on a bad override:
+    each variant of MiM base and each baseline loads at each batch and builds (once per model)."""
+    mod = _module()
+    full = mod.FULL
+    cases = [(full["preset"], (*full["overrides"], *v.overrides), b)
+             for v in (mod.BEFORE, mod.AFTER, *mod.MEMORY, mod.COMPILED) for b in full["batches"]]
+    cases += [(preset, (*full["common"], *overrides), b)
+              for preset, overrides, batches in full["baselines"].values() for b in batches]
+    built = set()
+    for preset, overrides, batch in cases:
+        cfg = mod._config(preset, overrides, batch)
+        assert cfg.optim.batch_size == batch and cfg.optim.precision == "bf16", (preset, overrides)
+        if (preset, overrides) not in built:
+            built.add((preset, overrides))
+            model = mod.build_pretrain_model(cfg)
+            assert sum(p.numel() for p in model.parameters()) > 1e6, preset
+    before = mod._config(full["preset"], (*full["overrides"], *mod.BEFORE.overrides), 1)
+    assert (before.model.one_pass, before.model.depthwise_impl) == ("never", "cudnn")
