@@ -10,7 +10,6 @@ op, e.g. ``NativeLayerNormBackward0``); and last its kernel name (Triton launche
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import platform
 import time
@@ -166,8 +165,8 @@ def median_seconds(fn: Callable[[], object], dev: torch.device, warmup: int = 2,
     return sorted(times)[len(times) // 2]
 
 
-def conv_seconds(conv: Callable[..., Tensor], shape: tuple[int, ...],
-                 dev: torch.device) -> float:
+def conv_seconds(conv: Callable[..., Tensor], shape: tuple[int, ...], dev: torch.device,
+                 impl: str = "auto") -> float:
     """Median seconds of one 5^3 depthwise conv ``conv(x, w, b, padding, impl)``, forward and
     both gradients, on a channels-last (B, C, D, H, W) input: bf16 under bf16 autocast on CUDA,
     as inside the encoder; fp32 on the CPU."""
@@ -179,7 +178,7 @@ def conv_seconds(conv: Callable[..., Tensor], shape: tuple[int, ...],
 
     def once() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            y = conv(x, w, b, 2, "auto")
+            y = conv(x, w, b, 2, impl)
         y.float().sum().backward()
 
     return median_seconds(once, dev)
@@ -207,15 +206,10 @@ def depthwise_ms(dev: torch.device,
         if split is not None:  # the split the backward pass reads
             depthwise._WGRAD = split
         try:
-            conv = functools.partial(_with_impl, depthwise_conv3d, impl)
-            out[name] = {label: 1e3 * conv_seconds(conv, shape, dev)
+            out[name] = {label: 1e3 * conv_seconds(depthwise_conv3d, shape, dev, impl)
                          for label, shape in shapes.items()}
         finally:
             if split is not None:
                 depthwise._WGRAD = depthwise.WGRAD
     return out
 
-
-def _with_impl(fn: Callable[..., Tensor], impl: str, x: Tensor, w: Tensor, b: Tensor | None,
-               padding: int, _impl: str) -> Tensor:
-    return fn(x, w, b, padding, impl)

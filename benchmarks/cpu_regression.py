@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,9 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from efficiency import FULL, QUICK, RESULTS, TUNED_MALLOC, _machine, _wait_idle
-
-ROOT = Path(__file__).resolve().parents[1]
+from efficiency import FULL, QUICK, RESULTS, ROOT, _machine, _run_worker
 
 
 @contextlib.contextmanager
@@ -54,26 +50,12 @@ def worktree(rev: str) -> Iterator[Path]:
 
 
 def run_case(tree: Path, spec: dict[str, Any], timeout: float, wait: float) -> dict[str, Any]:
-    """``efficiency.py --worker`` of ``tree`` on its own ``src``, with the tuned allocator."""
-    env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
-    env |= {**TUNED_MALLOC, "PYTHONPATH": str(tree / "src")}
-    idle = _wait_idle(wait) if wait > 0 else {}
-    # its own process group, killed whole on timeout (no worker outlives the run)
-    proc = subprocess.Popen([sys.executable, str(tree / "benchmarks" / "efficiency.py"),
-                             "--worker", json.dumps(spec)], cwd=tree, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise RuntimeError(f"worker in {tree} timed out after {timeout:.0f} s") from None
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("WORKER_JSON ")]
-    if proc.returncode != 0 or not lines:
-        tail = stderr.strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"worker in {tree} failed: {tail[0]}")
-    r = json.loads(lines[-1][len("WORKER_JSON "):])
+    """``tree``'s ``efficiency.py`` worker for ``spec``: its step time and share of the GEMM."""
+    r = _run_worker(spec, timeout, wait, tree)
+    if "error" in r:
+        raise RuntimeError(f"worker in {tree} failed: {r['error']}")
     step = statistics.median(r["wall_s"])
+    idle = {k: r[k] for k in ("waited_s", "foreign_cpu_share_before") if k in r}
     return {"step_s": step, "wall_s": r["wall_s"], **idle,
             "step_share": (r["flops_fwd"] + r["flops_bwd"]) / step / r["gemm_fp32_flops_per_s"],
             "gemm_fp32_flops_per_s": r["gemm_fp32_flops_per_s"],

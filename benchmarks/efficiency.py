@@ -56,6 +56,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,7 +78,8 @@ from mim3d.masking import LevelMasks, patchify, sample_levels
 from mim3d.models.mim import unit_means
 from mim3d.models.swinssl import SwinSSL
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 # per mode: MiM preset, (preset, overrides) of the cases built from a config, SwinSSL input and
 # width, timed steps per case
 ONE_LEVEL = ("geometry.crop_sizes=[[32,32,32]]", "geometry.mask_ratios=[0.6]",
@@ -393,21 +395,33 @@ def _wait_idle(max_wait: float, threshold: float = 0.15) -> dict[str, float]:
             return {"waited_s": time.perf_counter() - t0, "foreign_cpu_share_before": share}
 
 
-def _run_worker(spec: dict[str, Any], timeout: float, wait: float) -> dict[str, Any]:
-    """Run :func:`worker` in a fresh interpreter (clean peak-RSS baseline) and parse its JSON."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+def _run_worker(spec: dict[str, Any], timeout: float, wait: float,
+                tree: Path = ROOT) -> dict[str, Any]:
+    """Run :func:`worker` in a fresh interpreter (clean peak-RSS baseline) and parse its JSON.
+
+    ``tree`` is the checkout whose ``benchmarks/efficiency.py`` and ``src`` run (another commit's
+    worktree for ``cpu_regression.py``). The worker gets its own process group, killed whole on
+    timeout, so no worker outlives the run.
+    """
+    cmd = [sys.executable, str(tree / "benchmarks" / "efficiency.py"), "--worker",
+           json.dumps(spec)]
     env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
     env.update(TUNED_MALLOC if spec["malloc"] == "tuned" else {})
+    # tree's src first; the rest of the caller's path stays (e.g. a carried site-packages)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(tree / "src"), env.get("PYTHONPATH"))))
     idle = _wait_idle(wait) if wait > 0 else {}
     t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
     try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout,
-                              env=env)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return {**spec, "error": f"timed out after {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER_JSON ")]
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("WORKER_JSON ")]
     if proc.returncode != 0 or not lines:
-        return {**spec, "error": proc.stderr.strip().splitlines()[-1:] or ["no output"]}
+        return {**spec, "error": stderr.strip().splitlines()[-1:] or ["no output"]}
     return {**json.loads(lines[-1][len("WORKER_JSON "):]), **idle,
             "process_s": time.perf_counter() - t0}
 
