@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from efficiency import FULL, QUICK, RESULTS, ROOT, _machine, _run_worker
+from _efficiency_cases import FULL, QUICK
+from efficiency import RESULTS, ROOT, _machine, _run_worker
 
 
 @contextlib.contextmanager
